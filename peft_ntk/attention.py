@@ -1,0 +1,152 @@
+"""The attention function that transformers calls for every NTK-adapted model.
+
+The tuner switches a model's ``attn_implementation`` from ``sdpa`` to ``ntk_sdpa`` (or ``eager`` to ``ntk_eager``). Both
+names are registered with ``AttentionInterface`` and, with the matching mask builder, with ``AttentionMaskInterface``:
+without a registered mask builder transformers silently drops the padding mask for unknown implementations.
+
+For a module wrapped by an active NTK layer the function runs :func:`peft_ntk.ops.ntk_attention`; for every other
+attention call (cross-attention, layers left out, adapters disabled) it calls the original implementation with the
+mask that implementation expects, so those calls are bit-for-bit what the base model computes.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .layer import running_layer_for
+from .ops import ntk_attention
+
+# base implementation -> our implementation name
+NTK_IMPLEMENTATIONS = {"sdpa": "ntk_sdpa", "eager": "ntk_eager"}
+BASE_IMPLEMENTATIONS = {ntk: base for base, ntk in NTK_IMPLEMENTATIONS.items()}
+_MASK_BUILDERS = {"ntk_sdpa": sdpa_mask, "ntk_eager": eager_mask}
+
+
+def _module_eager_attention(module: nn.Module) -> Callable[..., Any]:
+    """The eager attention function of the module's own modeling file (each model family has its own)."""
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    return fn if fn is not None else _generic_eager_attention
+
+
+def _generic_eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    out, weights = ntk_attention(
+        query,
+        key,
+        value,
+        None,
+        None,
+        attention_mask=_with_position_bias(attention_mask, kwargs.get("position_bias")),
+        scaling=scaling,
+        dropout=dropout,
+        return_weights=True,
+    )
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def base_attention_function(implementation: str, module: nn.Module) -> Callable[..., Any]:
+    base = BASE_IMPLEMENTATIONS[implementation]
+    return ALL_ATTENTION_FUNCTIONS["sdpa"] if base == "sdpa" else _module_eager_attention(module)
+
+
+def _with_position_bias(attention_mask: Optional[torch.Tensor], position_bias: Optional[torch.Tensor]):
+    """Fold an additive position bias (T5) into the mask, as one additive float mask."""
+    if position_bias is None:
+        return attention_mask
+    if attention_mask is None:
+        return position_bias
+    if attention_mask.dtype == torch.bool:
+        return position_bias.masked_fill(~attention_mask, float("-inf"))
+    return position_bias + attention_mask
+
+
+def _attention_weights_requested(kwargs: dict) -> bool:
+    if kwargs.get("output_attentions"):
+        return True
+    try:  # transformers records attentions through hooks; its collector says whether they were asked for.
+        from transformers.utils.output_capturing import _active_collector
+
+        collected = _active_collector.get()
+    except (ImportError, LookupError):
+        return False
+    return isinstance(collected, dict) and "attentions" in collected
+
+
+def _unsupported_kwargs(kwargs: dict) -> Optional[str]:
+    for name in ("softcap", "s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            return name
+    return None
+
+
+def ntk_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    position_bias: Optional[torch.Tensor] = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """transformers attention interface: (B,H,Lq,d) query and (B,Hkv,Lk,d) key/value in, (B,Lq,H,dv) out."""
+    layer = running_layer_for(module)
+    state = layer.prefix_state() if layer is not None else None
+    if state is None:
+        base = base_attention_function(module.config._attn_implementation, module)
+        if is_causal is not None:
+            kwargs["is_causal"] = is_causal
+        if position_bias is not None:
+            kwargs["position_bias"] = position_bias
+        return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+    unsupported = _unsupported_kwargs(kwargs)
+    if unsupported is not None:
+        raise ValueError(
+            f"{type(module).__name__} passes `{unsupported}` to its attention function, which NTK-Attention does not "
+            "implement; leave this module out of target_modules."
+        )
+    if query.shape[1] != layer.num_heads or query.shape[-1] != layer.head_dim:
+        raise ValueError(
+            f"{type(module).__name__} produced queries with {query.shape[1]} heads of size {query.shape[-1]}, but its "
+            f"NTK adapter was built for {layer.num_heads} heads of size {layer.head_dim}. The adapter does not fit this "
+            "model; load it on the base model it was trained for."
+        )
+    if is_causal is None:
+        is_causal = bool(getattr(module, "is_causal", False))
+    # As in SDPA: a given mask already encodes causality, and a single query attends to every cached key.
+    is_causal = is_causal and attention_mask is None and query.shape[2] > 1
+    mask = _with_position_bias(attention_mask, position_bias)
+    want_weights = _attention_weights_requested(kwargs)
+    training = module.training
+    result = ntk_attention(
+        query,
+        key,
+        value,
+        state.z,
+        state.k,
+        attention_mask=mask,
+        is_causal=is_causal,
+        scaling=scaling,
+        feature_map=state.feature_map,
+        dropout=dropout if training else 0.0,
+        feature_dropout=state.feature_dropout if training else 0.0,
+        return_weights=want_weights,
+    )
+    out, weights = result if want_weights else (result, None)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def register_attention_functions() -> None:
+    """Register ``ntk_sdpa`` / ``ntk_eager`` with transformers (idempotent)."""
+    for name, mask_builder in _MASK_BUILDERS.items():
+        ALL_ATTENTION_FUNCTIONS.register(name, ntk_attention_forward)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask_builder)

@@ -1,0 +1,124 @@
+"""Configuration of an NTK-Attention adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from .ops import FEATURE_MAPS
+
+INIT_CHOICES = ("small_random", "zeros", "random")
+
+
+@dataclass
+class NTKAttentionConfig(PeftConfig):
+    """Configuration of an NTK-Attention adapter ("Toward Infinite-Long Prefix in Transformer").
+
+    Each adapted attention module gets, per query head, a trainable ``Z`` (d×d) and ``k`` (d) that stand in for an
+    infinitely long prefix. The adapter is added through transformers' attention interface, so every model whose
+    attention goes through ``ALL_ATTENTION_FUNCTIONS`` is supported.
+
+    Example::
+
+        >>> import peft_ntk  # registers the NTK_ATTENTION type with PEFT
+        >>> from peft import get_peft_model
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+        >>> model = get_peft_model(base, peft_ntk.NTKAttentionConfig(task_type="CAUSAL_LM"))
+        >>> model.print_trainable_parameters()  # 2 layers × 4 heads × (8² + 8)
+        trainable params: 576 || all params: ... || trainable%: ...
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Attention modules to adapt: a list of names (exact, or a suffix after a '.') or a regex. Each must be "
+                "a module that calls transformers' attention interface, e.g. 'self_attn' (Llama), 'attn' (GPT-2), "
+                "'attention.self' (BERT), 'SelfAttention' (T5). Default: every self-attention module found; "
+                "cross-attention is left alone unless named here."
+            )
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Module names or a regex of modules not to adapt, matched like target_modules."},
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None,
+        metadata={"help": "Adapt only the layers with these indices (as in LoRA). Default: all layers."},
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Name of the layer list that layers_to_transform indexes, e.g. 'layers' or 'h'; only needed "
+            "when it cannot be guessed."
+        },
+    )
+    feature_map: str = field(
+        default="elu",
+        metadata={
+            "help": "Feature map phi applied to the post-RoPE query: 'elu' (the paper's elu(x/d^(1/4)) + 1), 'relu', "
+            "or a name registered with peft_ntk.register_feature_map."
+        },
+    )
+    init_weights: Union[bool, str] = field(
+        default="small_random",
+        metadata={
+            "help": "Initial Z and k. 'small_random' (the paper's N(0,1)·init_scale), True or 'zeros' (Z = 0, "
+            "k = 0: exactly the base model, and still trains), False or 'random' (N(0, 1/d), an adapter with a "
+            "visible effect, for tests)."
+        },
+    )
+    init_scale: float = field(
+        default=1e-4,
+        metadata={"help": "Standard deviation of the 'small_random' initialisation (the paper divides randn by 1e4)."},
+    )
+    feature_dropout: float = field(
+        default=0.0,
+        metadata={"help": "Dropout probability on phi(query) during training; off in eval mode."},
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Modules besides the NTK parameters to train and save, e.g. ['classifier'] or ['score'] for a "
+            "freshly initialised classification head."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from .registration import NTK_PEFT_TYPE
+
+        self.peft_type = NTK_PEFT_TYPE
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(
+                f"feature_map={self.feature_map!r} is not registered; choose one of {sorted(FEATURE_MAPS)} or register "
+                "yours first with peft_ntk.register_feature_map(name, fn)."
+            )
+        if not (isinstance(self.init_weights, bool) or self.init_weights in INIT_CHOICES):
+            raise ValueError(
+                f"init_weights={self.init_weights!r} is not supported; use one of {INIT_CHOICES}, True (= 'zeros') or "
+                "False (= 'random')."
+            )
+        if not 0.0 <= self.feature_dropout < 1.0:
+            raise ValueError(f"feature_dropout must be in [0, 1), got {self.feature_dropout}")
+        if not self.init_scale >= 0.0:
+            raise ValueError(f"init_scale must be >= 0, got {self.init_scale}")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern only has an effect together with layers_to_transform; set both.")
+
+    @property
+    def init_mode(self) -> str:
+        if self.init_weights is True:
+            return "zeros"
+        if self.init_weights is False:
+            return "random"
+        return self.init_weights

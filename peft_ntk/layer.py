@@ -1,0 +1,198 @@
+"""The NTK-Attention tuner layer: per-adapter Z and k around one attention module."""
+
+from __future__ import annotations
+
+import contextvars
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .config import NTKAttentionConfig
+from .ops import get_feature_map
+
+# The attention function receives the *base* attention module. While an NTK layer runs its base module, this
+# variable holds (base module, NTK layer) so the function can find the adapter without a back-reference on the base
+# module (which would be a reference cycle and would break deepcopy).
+_RUNNING_LAYER: contextvars.ContextVar[Optional[tuple[nn.Module, NTKAttentionLayer]]] = contextvars.ContextVar(
+    "peft_ntk_running_layer", default=None
+)
+
+
+MERGE_ERROR = (
+    "NTK-Attention cannot be merged into the base weights: its prefix term phi(q)ᵀZ / (Σ e^s + phi(q)ᵀk) depends "
+    "non-linearly on each query, and no change of a weight matrix reproduces it. Keep the model as a PeftModel, or "
+    "call unload() to get the base model back without the adapter."
+)
+
+
+def running_layer_for(module: nn.Module) -> Optional[NTKAttentionLayer]:
+    """The NTK layer wrapping ``module`` if it is the one currently running, else None."""
+    running = _RUNNING_LAYER.get()
+    if running is not None and running[0] is module:
+        return running[1]
+    return None
+
+
+class _AbsWithUnitSubgradient(torch.autograd.Function):
+    """|x| whose gradient at x = 0 is +1 instead of torch's 0.
+
+    The official code keeps k >= 0 with abs() and initialises k at 0 for ViT, where abs' zero subgradient leaves k
+    untrained forever. Taking +1 at 0 lets the first step move k either way; from then on it is the ordinary |x|.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x.abs()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return torch.where(x < 0, -grad, grad)
+
+
+def nonnegative(x: torch.Tensor) -> torch.Tensor:
+    return _AbsWithUnitSubgradient.apply(x)
+
+
+@dataclass
+class PrefixState:
+    """What the attention function needs from the active adapters of one layer."""
+
+    z: torch.Tensor  # (H, r, dv)
+    k: torch.Tensor  # (H, r), non-negative
+    feature_map: str
+    feature_dropout: float
+
+
+def _attention_shape(module: nn.Module) -> tuple[int, int]:
+    """(number of query heads, head dim) of a transformers attention module."""
+    config = getattr(module, "config", None)
+    heads = None
+    for name in ("num_heads", "num_attention_heads", "n_heads", "n_head"):
+        if isinstance(getattr(module, name, None), int):
+            heads = getattr(module, name)
+            break
+    if heads is None and config is not None:
+        heads = getattr(config, "num_attention_heads", None)
+    head_dim = None
+    for name in ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size"):
+        if isinstance(getattr(module, name, None), int):
+            head_dim = getattr(module, name)
+            break
+    if head_dim is None and config is not None:
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // heads if heads and getattr(config, "hidden_size", None) else None
+        )
+    if not heads or not head_dim:
+        raise ValueError(
+            f"cannot tell the number of heads and the head size of {type(module).__name__}: it has none of the "
+            "attributes num_heads/num_attention_heads/n_heads and head_dim/attention_head_size/key_value_proj_dim."
+        )
+    return heads, head_dim
+
+
+class NTKAttentionLayer(nn.Module, BaseTunerLayer):
+    """Wraps an attention module and adds NTK-Attention's virtual prefix to it.
+
+    The wrapped module runs unchanged; the model's attention implementation (set by the tuner to ``ntk_sdpa`` or
+    ``ntk_eager``) reads the active adapters' ``Z`` and ``k`` from this layer while it runs.
+    """
+
+    adapter_layer_names = ("ntk_z", "ntk_k")
+    other_param_names = ("ntk_feature_map", "ntk_feature_dropout")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: NTKAttentionConfig) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.num_heads, self.head_dim = _attention_shape(base_layer)
+        self.ntk_z = nn.ParameterDict({})
+        # Raw parameter; the effective k is |ntk_k| (see _AbsWithUnitSubgradient).
+        self.ntk_k = nn.ParameterDict({})
+        self.ntk_feature_map: dict[str, str] = {}
+        self.ntk_feature_dropout: dict[str, float] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def __getattr__(self, name: str) -> Any:
+        # Code around the attention module reads its attributes (layer_idx, is_causal, config, ...).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    def update_layer(self, adapter_name: str, config: NTKAttentionConfig) -> None:
+        feature_dim = get_feature_map(config.feature_map)(torch.zeros(1, self.head_dim)).shape[-1]
+        self.ntk_z[adapter_name] = nn.Parameter(torch.zeros(self.num_heads, feature_dim, self.head_dim))
+        self.ntk_k[adapter_name] = nn.Parameter(torch.zeros(self.num_heads, feature_dim))
+        self.ntk_feature_map[adapter_name] = config.feature_map
+        self.ntk_feature_dropout[adapter_name] = config.feature_dropout
+        self.reset_ntk_parameters(adapter_name, config.init_mode, config.init_scale)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    @torch.no_grad()
+    def reset_ntk_parameters(self, adapter_name: str, init_mode: str, init_scale: float) -> None:
+        z, k = self.ntk_z[adapter_name], self.ntk_k[adapter_name]
+        if init_mode == "zeros":
+            z.zero_()
+            k.zero_()
+        elif init_mode == "small_random":
+            z.normal_(0.0, init_scale)
+            k.normal_(0.0, init_scale)
+        elif init_mode == "random":
+            z.normal_(0.0, 1.0 / math.sqrt(self.head_dim))
+            k.normal_(0.0, 1.0 / math.sqrt(self.head_dim))
+        else:
+            raise ValueError(f"unknown init mode {init_mode!r}")
+
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
+        # Attention modules have no `.weight`; use their first parameter's device. Adapter weights stay float32
+        # (the math runs in float32 for half-precision models anyway).
+        param = next(base_layer.parameters(), None)
+        return (param.device if param is not None else None), None
+
+    def prefix_state(self) -> Optional[PrefixState]:
+        """The combined prefix of the active adapters, or None when no adapter applies to this layer.
+
+        Several active adapters are several prefixes side by side, so their Z and k add up.
+        """
+        if self.disable_adapters:
+            return None
+        names = [name for name in self.active_adapters if name in self.ntk_z]
+        if not names:
+            return None
+        feature_maps = {self.ntk_feature_map[name] for name in names}
+        if len(feature_maps) > 1:
+            raise ValueError(
+                f"active NTK adapters {names} use different feature maps {sorted(feature_maps)}; their prefixes cannot "
+                "be combined. Activate one of them with set_adapter(name)."
+            )
+        z = sum(self.ntk_z[name] for name in names)
+        k = sum(nonnegative(self.ntk_k[name]) for name in names)
+        dropout = max(self.ntk_feature_dropout[name] for name in names)
+        return PrefixState(z=z, k=k, feature_map=feature_maps.pop(), feature_dropout=dropout)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise ValueError(MERGE_ERROR)
+
+    def unmerge(self) -> None:
+        """Nothing is ever merged (see merge)."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        token = _RUNNING_LAYER.set((self.base_layer, self))
+        try:
+            return self.base_layer(*args, **kwargs)
+        finally:
+            _RUNNING_LAYER.reset(token)
+
+    def __repr__(self) -> str:
+        return "ntk." + super().__repr__()

@@ -1,0 +1,193 @@
+"""The PEFT tuner: finds attention modules, wraps them in NTK layers and routes the model's attention through ours."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from typing import Optional
+
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+from transformers.utils import logging
+
+from .attention import BASE_IMPLEMENTATIONS, NTK_IMPLEMENTATIONS
+from .config import NTKAttentionConfig
+from .layer import MERGE_ERROR, NTKAttentionLayer
+from .registration import NTK_PREFIX
+
+logger = logging.get_logger(__name__)
+
+TESTED_ARCHITECTURES = ("Llama", "Mistral", "Qwen2", "GPT-2", "BERT", "ViT", "T5")
+
+
+@functools.cache
+def _class_calls_attention_interface(cls: type) -> bool:
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source
+
+
+def is_attention_module(module: nn.Module) -> bool:
+    """True for modules whose forward dispatches through transformers' ``ALL_ATTENTION_FUNCTIONS``."""
+    if isinstance(module, NTKAttentionLayer):
+        return True
+    return _class_calls_attention_interface(type(module))
+
+
+def is_cross_attention(name: str, module: nn.Module) -> bool:
+    return (
+        bool(getattr(module, "is_cross_attention", False))
+        or re.search(r"cross|encdec", name, re.IGNORECASE) is not None
+    )
+
+
+def find_attention_modules(model: nn.Module, include_cross_attention: bool = False) -> list[str]:
+    return [
+        name
+        for name, module in model.named_modules()
+        if name
+        and is_attention_module(module)
+        and not isinstance(module, NTKAttentionLayer)
+        and ".base_layer" not in f".{name}"
+        and (include_cross_attention or not is_cross_attention(name, module))
+    ]
+
+
+def _matches(name: str, suffixes: set[str]) -> bool:
+    return any(name == suffix or name.endswith("." + suffix) for suffix in suffixes)
+
+
+def default_target_modules(model: nn.Module) -> set[str]:
+    """The shortest name suffixes that select exactly the self-attention modules (kept short for adapter configs)."""
+    targets = find_attention_modules(model)
+    if not targets:
+        raise unsupported_model_error(model)
+    all_names = [name for name, _ in model.named_modules() if name]
+    target_set = set(targets)
+    for depth in range(1, max(name.count(".") for name in targets) + 2):
+        suffixes = {".".join(name.split(".")[-depth:]) for name in targets}
+        if {name for name in all_names if _matches(name, suffixes)} == target_set:
+            return suffixes
+    return target_set
+
+
+def unsupported_model_error(model: nn.Module) -> ValueError:
+    architecture = type(model).__name__
+    return ValueError(
+        f"NTK-Attention cannot adapt {architecture}: none of its modules routes attention through transformers' "
+        "AttentionInterface (ALL_ATTENTION_FUNCTIONS), which is where the adapter hooks in. Models that still hard-code "
+        "their attention (e.g. Bloom, DeBERTa-v2, Falcon, GPT-Neo) are not supported. Tested architectures: "
+        f"{', '.join(TESTED_ARCHITECTURES)}; other models whose attention modules call ALL_ATTENTION_FUNCTIONS work "
+        "through the same code path."
+    )
+
+
+def _configs(model: nn.Module) -> list:
+    """Every distinct config object of the model and its sub-models (T5, encoder-decoders share or nest them)."""
+    seen, configs = set(), []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation") and id(config) not in seen:
+            seen.add(id(config))
+            configs.append(config)
+    return configs
+
+
+def route_attention_through_ntk(model: nn.Module) -> None:
+    """Switch every config of ``model`` to the NTK twin of its attention implementation (idempotent)."""
+    for config in _configs(model):
+        current = config._attn_implementation
+        if current in BASE_IMPLEMENTATIONS:
+            continue
+        if current not in NTK_IMPLEMENTATIONS:
+            logger.warning_once(
+                f"NTK-Attention computes attention itself and needs a padding mask in SDPA form; attn_implementation="
+                f"{current!r} is replaced by 'sdpa' for the attention calls that carry no adapter."
+            )
+            current = "sdpa"
+        config._attn_implementation_internal = NTK_IMPLEMENTATIONS[current]
+
+
+def restore_attention_implementation(model: nn.Module) -> None:
+    for config in _configs(model):
+        current = config._attn_implementation
+        if current in BASE_IMPLEMENTATIONS:
+            config._attn_implementation_internal = BASE_IMPLEMENTATIONS[current]
+
+
+class NTKAttentionModel(BaseTuner):
+    """Adds NTK-Attention ("Toward Infinite-Long Prefix in Transformer") to a transformers model.
+
+    Each targeted attention module is wrapped in an :class:`NTKAttentionLayer` holding per-adapter ``Z`` (H×d×d) and
+    ``k`` (H×d), and the model's ``attn_implementation`` becomes ``ntk_sdpa`` (or ``ntk_eager``): transformers then calls
+    :func:`peft_ntk.attention.ntk_attention_forward`, which adds the virtual prefix inside wrapped modules and computes
+    plain SDPA (or eager) attention everywhere else. ``unload()`` restores the original implementation.
+
+    Use it through PEFT::
+
+        >>> import peft_ntk
+        >>> from peft import get_peft_model
+        >>> peft_model = get_peft_model(base_model, peft_ntk.NTKAttentionConfig())  # doctest: +SKIP
+    """
+
+    prefix: str = NTK_PREFIX
+    tuner_layer_cls = NTKAttentionLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config: NTKAttentionConfig, model_config: dict) -> NTKAttentionConfig:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = default_target_modules(self.model)
+        return peft_config
+
+    def _prepare_model(self, peft_config: NTKAttentionConfig, model: nn.Module) -> None:
+        if not find_attention_modules(model, include_cross_attention=True) and not any(
+            isinstance(m, NTKAttentionLayer) for m in model.modules()
+        ):
+            raise unsupported_model_error(model)
+        route_attention_through_ntk(model)
+
+    def _create_and_replace(
+        self,
+        peft_config: NTKAttentionConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: Optional[str] = None,
+    ) -> None:
+        if isinstance(target, NTKAttentionLayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        if not is_attention_module(target):
+            attention = find_attention_modules(self.model, include_cross_attention=True)
+            example = ", ".join(sorted({name.split(".")[-1] for name in attention})) or "none found"
+            raise ValueError(
+                f"target module {current_key!r} ({type(target).__name__}) is not an attention module: NTK-Attention "
+                "adapts whole attention modules, those whose forward calls transformers' ALL_ATTENTION_FUNCTIONS. "
+                f"Attention modules in this model end in: {example}. Fix target_modules, or leave it unset to adapt "
+                "every self-attention module."
+            )
+        new_module = NTKAttentionLayer(target, adapter_name, peft_config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        raise ValueError(MERGE_ERROR)
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+    ) -> nn.Module:
+        if merge:
+            raise ValueError(MERGE_ERROR)
+        model = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+        restore_attention_implementation(model)
+        return model
