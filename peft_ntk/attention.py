@@ -124,6 +124,12 @@ def ntk_attention_forward(
         is_causal = bool(getattr(module, "is_causal", False))
     # As in SDPA: a given mask already encodes causality, and a single query attends to every cached key.
     is_causal = is_causal and attention_mask is None and query.shape[2] > 1
+    if is_causal and key.shape[2] > query.shape[2]:
+        # transformers only skips the mask with more keys than queries when the extra keys are the empty future slots
+        # of a static cache (prefill); like its SDPA path, drop them rather than aligning the causal mask to the end.
+        q_len = query.shape[2]
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+        position_bias = position_bias[..., :q_len] if position_bias is not None else None
     mask = _with_position_bias(attention_mask, position_bias)
     want_weights = _attention_weights_requested(kwargs)
     training = module.training

@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . "${VENV:-.venv}/bin/activate"
-ruff check peft_ntk rankgen_logits tests examples benchmarks
+ruff check .
 python -m pytest -q -p no:cacheprovider "$@"

@@ -95,3 +95,14 @@ def test_deepcopy_of_an_adapted_model_keeps_the_adapter_working():
         base_logits = model(ids).logits
     torch.testing.assert_close(clone(ids).logits, base_logits, rtol=0, atol=1e-6)
     assert not torch.allclose(model(ids).logits, base_logits)
+
+
+def test_static_cache_generation_matches_dynamic_and_uncached():
+    """A static cache's prefill passes empty future key slots with no mask; they must not be attended to."""
+    model = get_peft_model(tiny_llama(), peft_ntk.NTKAttentionConfig(init_weights=False)).eval()
+    ids = torch.randint(1, 64, (1, 6), generator=torch.Generator().manual_seed(2))
+    dynamic = model.generate(ids, max_new_tokens=8, do_sample=False)
+    static = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static")
+    uncached = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(dynamic, uncached)
+    assert torch.equal(static, uncached)
