@@ -9,6 +9,7 @@ from typing import Optional
 
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
+from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .attention import BASE_IMPLEMENTATIONS, NTK_IMPLEMENTATIONS
@@ -45,13 +46,13 @@ def is_cross_attention(name: str, module: nn.Module) -> bool:
 
 
 def find_attention_modules(model: nn.Module, include_cross_attention: bool = False) -> list[str]:
+    """Names of the attention modules; an already wrapped module is named by its NTK layer, not its base_layer."""
     return [
         name
         for name, module in model.named_modules()
         if name
         and is_attention_module(module)
-        and not isinstance(module, NTKAttentionLayer)
-        and ".base_layer" not in f".{name}"
+        and not name.endswith(".base_layer")
         and (include_cross_attention or not is_cross_attention(name, module))
     ]
 
@@ -143,9 +144,7 @@ class NTKAttentionModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: NTKAttentionConfig, model: nn.Module) -> None:
-        if not find_attention_modules(model, include_cross_attention=True) and not any(
-            isinstance(m, NTKAttentionLayer) for m in model.modules()
-        ):
+        if not find_attention_modules(model, include_cross_attention=True):
             raise unsupported_model_error(model)
         route_attention_through_ntk(model)
 
@@ -188,6 +187,26 @@ class NTKAttentionModel(BaseTuner):
     ) -> nn.Module:
         if merge:
             raise ValueError(MERGE_ERROR)
-        model = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
-        restore_attention_implementation(model)
-        return model
+        # BaseTuner's version assumes the unwrapped module has a `.weight`; attention modules do not.
+        wrapped = [name for name, module in self.model.named_modules() if isinstance(module, NTKAttentionLayer)]
+        for name in tqdm(wrapped, disable=not progressbar, desc="Unloading model"):
+            parent_name, _, child_name = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name)
+            setattr(parent, child_name, getattr(parent, child_name).get_base_layer())
+        restore_attention_implementation(self.model)
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        own = model.state_dict()
+        for key, tensor in remapped.items():
+            if key in own and NTK_PREFIX in key and own[key].shape != tensor.shape:
+                raise ValueError(
+                    f"the NTK adapter does not fit this model: {key} has shape {tuple(tensor.shape)} in the adapter "
+                    f"but {tuple(own[key].shape)} here. The adapter was trained on a base model with a different number of "
+                    "attention heads or head size; load it on that model."
+                )
+        return remapped
