@@ -119,6 +119,28 @@ def _check_inputs(query, key, value, z, k, attention_mask) -> None:
             )
 
 
+def masked_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    attention_mask: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+    scaling: Optional[float] = None,
+) -> torch.Tensor:
+    """Scaled scores (B, H, Lq, Lk) with the mask applied: disallowed keys are -inf, an additive mask is added."""
+    key = repeat_kv_heads(key, query.shape[1])
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores + attention_mask.to(scores.dtype)
+    if is_causal:
+        scores = scores.masked_fill(~causal_mask(query.shape[2], key.shape[2], query.device), float("-inf"))
+    return scores
+
+
 def softmax_attention_with_lse(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -135,20 +157,8 @@ def softmax_attention_with_lse(
     has ``lse = -inf``, zero probabilities and a zero output (never NaN). Dropout acts on the probabilities only, so
     ``lse`` is unaffected by it.
     """
-    heads = query.shape[1]
-    key = repeat_kv_heads(key, heads)
-    value = repeat_kv_heads(value, heads)
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, float("-inf"))
-        else:
-            scores = scores + attention_mask.to(scores.dtype)
-    if is_causal:
-        allowed = causal_mask(query.shape[2], key.shape[2], query.device)
-        scores = scores.masked_fill(~allowed, float("-inf"))
+    value = repeat_kv_heads(value, query.shape[1])
+    scores = masked_scores(query, key, attention_mask=attention_mask, is_causal=is_causal, scaling=scaling)
 
     # Rows with no allowed key would give NaN in logsumexp's backward; compute them on zeros and mask afterwards.
     has_key = (scores > float("-inf")).any(dim=-1, keepdim=True)
@@ -282,18 +292,8 @@ def naive_ntk_attention(
     by rounding where neither overflows. It shares the official code's weakness that rows without keys divide by
     ``phi(q)ᵀk`` alone.
     """
-    heads = query.shape[1]
-    key, value = repeat_kv_heads(key, heads), repeat_kv_heads(value, heads)
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    if attention_mask is not None:
-        scores = (
-            scores.masked_fill(~attention_mask, float("-inf"))
-            if attention_mask.dtype == torch.bool
-            else scores + attention_mask
-        )
-    if is_causal:
-        scores = scores.masked_fill(~causal_mask(query.shape[2], key.shape[2], query.device), float("-inf"))
+    value = repeat_kv_heads(value, query.shape[1])
+    scores = masked_scores(query, key, attention_mask=attention_mask, is_causal=is_causal, scaling=scaling)
     row_max = scores.amax(dim=-1, keepdim=True).clamp(min=-1e30)
     e = torch.exp(scores - row_max)
     scale = torch.exp(-row_max)
