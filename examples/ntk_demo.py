@@ -275,6 +275,16 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 # the demo
 
 
+def train(model, blocks, run_dir: Path, args, steps: int, lr: float) -> tuple[Trainer, float]:
+    """Train ``model`` on ``blocks`` with the stock Trainer; returns the trainer and the seconds it took."""
+    t0 = time.perf_counter()
+    run_args = training_args(run_dir, args, steps=steps, lr=lr, warmup=max(1, steps // 10), batch_size=args.batch_size)
+    trainer = Trainer(model=model, args=run_args, train_dataset=BlockDataset(blocks))
+    trainer.train()
+    _remove_if_empty(run_dir)
+    return trainer, time.perf_counter() - t0
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     # A model this small gains next to nothing from more threads, and with other processes busy on the same cores
@@ -347,22 +357,9 @@ def _run(args: argparse.Namespace) -> dict:
         f"LlamaForCausalLM: {args.layers} layers, hidden 128, 4 heads (2 kv heads), head dim 32, "
         f"{sum(p.numel() for p in base.parameters()):,} parameters"
     )
-    t0 = time.perf_counter()
-    pretrainer = Trainer(
-        model=base,
-        args=training_args(
-            out_dir / "pretrain_runs",
-            args,
-            steps=args.pretrain_steps,
-            lr=args.pretrain_lr,
-            warmup=max(1, args.pretrain_steps // 10),
-            batch_size=args.batch_size,
-        ),
-        train_dataset=BlockDataset(general_blocks),
+    pretrainer, timings["pretrain_s"] = train(
+        base, general_blocks, out_dir / "pretrain_runs", args, args.pretrain_steps, args.pretrain_lr
     )
-    pretrainer.train()
-    _remove_if_empty(out_dir / "pretrain_runs")
-    timings["pretrain_s"] = time.perf_counter() - t0
     base.eval()
     base_dir = out_dir / "base"
     base.save_pretrained(base_dir)
@@ -379,22 +376,9 @@ def _run(args: argparse.Namespace) -> dict:
     first = model.base_model.model.model.layers[0].self_attn  # an NTKAttentionLayer around LlamaAttention
     z_shape, k_shape = tuple(first.ntk_z["default"].shape), tuple(first.ntk_k["default"].shape)
     print(f"trainable tensors: {len(trainable)}; per layer Z {z_shape} and k {k_shape} (heads x head_dim [x head_dim])")
-    t0 = time.perf_counter()
-    finetuner = Trainer(
-        model=model,
-        args=training_args(
-            out_dir / "finetune_runs",
-            args,
-            steps=args.finetune_steps,
-            lr=args.finetune_lr,
-            warmup=max(1, args.finetune_steps // 10),
-            batch_size=args.batch_size,
-        ),
-        train_dataset=BlockDataset(target_blocks),
+    finetuner, timings["finetune_s"] = train(
+        model, target_blocks, out_dir / "finetune_runs", args, args.finetune_steps, args.finetune_lr
     )
-    finetuner.train()
-    _remove_if_empty(out_dir / "finetune_runs")
-    timings["finetune_s"] = time.perf_counter() - t0
     print(f"fine-tuned in {timings['finetune_s']:.0f} s")
 
     # 4. save, reload onto a fresh base, compare -----------------------------------------------------------------------
