@@ -19,9 +19,13 @@ import torch
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
 
+from .kernels import fused_ntk_attention, fused_path_unavailable_reason
 from .layer import running_layer_for
 from .ops import ntk_attention
+
+logger = logging.get_logger(__name__)
 
 # base implementation -> our implementation name
 NTK_IMPLEMENTATIONS = {"sdpa": "ntk_sdpa", "eager": "ntk_eager"}
@@ -85,6 +89,21 @@ def _unsupported_kwargs(kwargs: dict) -> Optional[str]:
     return None
 
 
+def _use_fused_path(backend: str, query: torch.Tensor, dropout: float, want_weights: bool) -> bool:
+    if backend == "reference":
+        return False
+    reason = fused_path_unavailable_reason(query, dropout, want_weights)
+    if reason is None:
+        return True
+    if backend == "fused":
+        raise ValueError(
+            f"attention_backend='fused' cannot serve this call: {reason}. Use attention_backend='auto' to fall back "
+            "to the reference path there."
+        )
+    logger.warning_once(f"NTK-Attention uses its reference path (scores materialised) for some calls: {reason}.")
+    return False
+
+
 def ntk_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -133,6 +152,22 @@ def ntk_attention_forward(
     mask = _with_position_bias(attention_mask, position_bias)
     want_weights = _attention_weights_requested(kwargs)
     training = module.training
+    dropout = dropout if training else 0.0
+    feature_dropout = state.feature_dropout if training else 0.0
+    if _use_fused_path(state.attention_backend, query, dropout, want_weights):
+        out = fused_ntk_attention(
+            query,
+            key,
+            value,
+            state.z,
+            state.k,
+            attention_mask=mask,
+            is_causal=is_causal,
+            scaling=scaling,
+            feature_map=state.feature_map,
+            feature_dropout=feature_dropout,
+        )
+        return out.transpose(1, 2).contiguous(), None
     result = ntk_attention(
         query,
         key,
@@ -143,8 +178,8 @@ def ntk_attention_forward(
         is_causal=is_causal,
         scaling=scaling,
         feature_map=state.feature_map,
-        dropout=dropout if training else 0.0,
-        feature_dropout=state.feature_dropout if training else 0.0,
+        dropout=dropout,
+        feature_dropout=feature_dropout,
         return_weights=want_weights,
     )
     out, weights = result if want_weights else (result, None)

@@ -10,6 +10,7 @@ from peft.config import PeftConfig
 from .ops import FEATURE_MAPS
 
 INIT_CHOICES = ("small_random", "zeros", "random")
+ATTENTION_BACKENDS = ("auto", "fused", "reference")
 
 
 @dataclass
@@ -81,6 +82,15 @@ class NTKAttentionConfig(PeftConfig):
         default=0.0,
         metadata={"help": "Dropout probability on phi(query) during training; off in eval mode."},
     )
+    attention_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "How the adapted attention is computed. 'auto': the fused kernel path where it is exact and "
+            "available (CPU today: (O, LSE) from torch's flash kernel, exact gradients, no Lq×Lk score tensor), else "
+            "the reference, with a one-time warning saying why; 'fused': always the fused path, an error where it "
+            "cannot serve; 'reference': the plain-torch reference op (materialises the scores)."
+        },
+    )
     modules_to_save: Optional[list[str]] = field(
         default=None,
         metadata={
@@ -110,6 +120,10 @@ class NTKAttentionConfig(PeftConfig):
             )
         if not 0.0 <= self.feature_dropout < 1.0:
             raise ValueError(f"feature_dropout must be in [0, 1), got {self.feature_dropout}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend={self.attention_backend!r} is not supported; use one of {ATTENTION_BACKENDS}."
+            )
         if not self.init_scale >= 0.0:
             raise ValueError(f"init_scale must be >= 0, got {self.init_scale}")
         if self.layers_pattern and self.layers_to_transform is None:

@@ -67,6 +67,7 @@ class PrefixState:
     k: torch.Tensor  # (H, r), non-negative
     feature_map: str
     feature_dropout: float
+    attention_backend: str
 
 
 def _attention_shape(module: nn.Module) -> tuple[int, int]:
@@ -104,7 +105,7 @@ class NTKAttentionLayer(nn.Module, BaseTunerLayer):
     """
 
     adapter_layer_names = ("ntk_z", "ntk_k")
-    other_param_names = ("ntk_feature_map", "ntk_feature_dropout")
+    other_param_names = ("ntk_feature_map", "ntk_feature_dropout", "ntk_attention_backend")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: NTKAttentionConfig) -> None:
         super().__init__()
@@ -115,6 +116,7 @@ class NTKAttentionLayer(nn.Module, BaseTunerLayer):
         self.ntk_k = nn.ParameterDict({})
         self.ntk_feature_map: dict[str, str] = {}
         self.ntk_feature_dropout: dict[str, float] = {}
+        self.ntk_attention_backend: dict[str, str] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
@@ -135,6 +137,7 @@ class NTKAttentionLayer(nn.Module, BaseTunerLayer):
         self.ntk_k[adapter_name] = nn.Parameter(torch.zeros(self.num_heads, feature_dim))
         self.ntk_feature_map[adapter_name] = config.feature_map
         self.ntk_feature_dropout[adapter_name] = config.feature_dropout
+        self.ntk_attention_backend[adapter_name] = config.attention_backend
         self.reset_ntk_parameters(adapter_name, config.init_mode, config.init_scale)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -179,7 +182,8 @@ class NTKAttentionLayer(nn.Module, BaseTunerLayer):
         z = sum(self.ntk_z[name] for name in names)
         k = sum(nonnegative(self.ntk_k[name]) for name in names)
         dropout = max(self.ntk_feature_dropout[name] for name in names)
-        return PrefixState(z=z, k=k, feature_map=feature_maps.pop(), feature_dropout=dropout)
+        backend = self.ntk_attention_backend[names[0]]
+        return PrefixState(z=z, k=k, feature_map=feature_maps.pop(), feature_dropout=dropout, attention_backend=backend)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         raise ValueError(MERGE_ERROR)

@@ -299,9 +299,10 @@ def test_eager_implementation_routes_through_ntk_eager():
 # ----------------------------------------------------------------------------- 2. the hook against the reference op
 
 
+@pytest.mark.parametrize("backend, op_name", [("reference", "ntk_attention"), ("fused", "fused_ntk_attention")])
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "left_padded"])
-def test_hook_matches_reference_op(monkeypatch, padded):
-    _, model, _ = adapt("llama")
+def test_hook_matches_reference_op(monkeypatch, padded, backend, op_name):
+    _, model, _ = adapt("llama", attention_backend=backend)
     if padded:
         _, ids, mask = left_padded()
         inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)}
@@ -311,13 +312,13 @@ def test_hook_matches_reference_op(monkeypatch, padded):
         inputs = {"input_ids": ids}
 
     calls = []
-    real_op = peft_ntk.attention.ntk_attention
+    real_op = getattr(peft_ntk.attention, op_name)
 
     def spy(query, key, value, z, k, **kwargs):
         calls.append((query.detach().clone(), key.detach().clone(), value.detach().clone()))
         return real_op(query, key, value, z, k, **kwargs)
 
-    monkeypatch.setattr(peft_ntk.attention, "ntk_attention", spy)
+    monkeypatch.setattr(peft_ntk.attention, op_name, spy)
     layer = ntk_layers(model)["model.layers.1.self_attn"]
     captured = []
     hook = layer.base_layer.o_proj.register_forward_pre_hook(lambda _, args: captured.append(args[0].detach()))
