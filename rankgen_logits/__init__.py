@@ -1,6 +1,21 @@
 """RankGen ("Improving Text Generation with Large Ranking Models") as a generation strategy for transformers.
 
-Work in progress: the scorer and ``generate(..., rankgen=scorer)`` are not implemented yet.
+Generation API (``rankgen_logits.generation``): RankGen decoding is a ``custom_generate`` callable, so the LM only
+proposes and a scorer (anything with ``score(prefixes, continuations) -> Tensor``, see ``rankgen_logits.protocol``)
+ranks. One model forward per new token serves every prompt, beam and sample; the prompt is prefilled once and the KV
+cache rows of the survivors are reordered after each scoring round.
+
+- ``RankGenSettings(scorer, tokenizer=generator_tokenizer, mode="beam"|"rerank", num_beams=2, num_samples=10,
+  rerank_every=20)``;
+- ``model.generate(ids, custom_generate=rankgen_generate, rankgen=settings, do_sample=True, max_new_tokens=...)``
+  works with no patching;
+- ``rankgen_logits.enable_rankgen_generate()`` (explicit, reversible with ``disable_rankgen_generate()``; importing
+  the package patches nothing) makes ``model.generate(ids, rankgen=settings_or_scorer, tokenizer=tok, ...)`` work,
+  also through PEFT models and ``pipeline("text-generation")``.
 """
+
+from .generation import RankGenSettings, rankgen_generate  # noqa: F401
+from .patch import disable_rankgen_generate, enable_rankgen_generate, rankgen_generate_enabled  # noqa: F401
+from .scorer import RankGenConfig, RankGenScorer  # noqa: F401
 
 __version__ = "0.1.0"

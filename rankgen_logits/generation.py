@@ -1,0 +1,598 @@
+"""RankGen decoding as a ``custom_generate`` callable for :meth:`transformers.GenerationMixin.generate`.
+
+RankGen (Krishna et al., 2022, "RankGen: Improving Text Generation with Large Ranking Models") lets the language model
+only *propose*: it samples candidate continuations, and a separate scorer (any object following
+:class:`rankgen_logits.protocol.ContinuationScorer`) decides which of them to keep.
+
+- ``mode="beam"`` (the paper's "beam search", defaults B=2, N=10, L=20): every prompt starts with ``B·N`` sampled rows;
+  every ``L`` new tokens each candidate's whole continuation so far is scored against its prompt, the ``B`` best
+  (distinct) candidates per prompt survive, and each survivor is continued by ``N`` fresh samples. At the end the best
+  candidate is returned.
+- ``mode="rerank"``: ``N`` samples of the full length per prompt, scored once at the end; the best is returned.
+
+Unlike a loop around ``generate`` (what the paper's released code does), this runs ONE model forward per new token
+for all prompts × beams × samples together, and the prompt is prefilled once: after each scoring round the KV cache
+rows of the survivors are copied (``Cache.reorder_cache``) instead of re-tokenising and re-feeding text.
+
+Use it either directly, with no patching::
+
+    model.generate(input_ids, custom_generate=rankgen_generate, rankgen=RankGenSettings(scorer, tokenizer=tok),
+                   do_sample=True, top_p=0.9, max_new_tokens=60)
+
+or, after :func:`rankgen_logits.enable_rankgen_generate`, as ``model.generate(input_ids, rankgen=..., tokenizer=tok)``
+(which also works through PEFT models and ``pipeline("text-generation")``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.generation.stopping_criteria import MaxLengthCriteria, StoppingCriteriaList
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.utils import logging
+
+from .protocol import has_vector_api
+
+# A logger under the `transformers` hierarchy, so that `transformers.logging.set_verbosity_*` governs it like the
+# warnings that `generate` itself emits.
+logger = logging.get_logger("transformers.rankgen_logits.generation")
+
+MODES = ("beam", "rerank")
+CHARS_PER_TOKEN = 4  # used to measure continuations for `max_suffix_tokens` when the scorer has no `.tokenizer`
+
+
+@dataclass
+class RankGenSettings:
+    """How to decode with RankGen.
+
+    Args:
+        scorer: ranks continuations; anything with ``score(prefixes, continuations) -> Tensor (n,)`` (higher is
+            better), optionally ``encode_prefix`` / ``encode_suffix`` (then each prompt is encoded once per
+            ``generate`` call and scores are dot products) and ``max_suffix_tokens`` (then continuations longer than
+            that are scored by their last window, with the earlier part appended to the prefix). See
+            :class:`rankgen_logits.protocol.ContinuationScorer`.
+        tokenizer: the GENERATOR's tokenizer, used to turn prompts and candidates into text for the scorer. It can
+            also be given to ``generate`` as ``rankgen_tokenizer=`` (or as ``tokenizer=`` with the patch enabled).
+        mode: ``"beam"`` (RankGen beam search) or ``"rerank"`` (sample ``num_samples`` full continuations, return the
+            best).
+        num_beams: ``B``, candidates kept per prompt after each scoring round (beam mode; ignored in rerank mode).
+        num_samples: ``N``, samples drawn from each kept candidate per round (beam mode; the first round draws
+            ``B·N`` samples from the prompt), or the number of full samples (rerank mode).
+        rerank_every: ``L``, new tokens between scoring rounds (beam mode; rerank mode scores once, at the end).
+        scorer_batch_size: at most this many texts per scorer call (``None``: all candidates of a round in one call).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+    >>> from rankgen_logits import RankGenSettings, rankgen_generate
+
+    >>> class LikesCats:  # any object with score(prefixes, continuations) -> tensor
+    ...     def score(self, prefixes, continuations):
+    ...         return torch.tensor([float(c.count("cat")) for c in continuations])
+
+    >>> tok = AutoTokenizer.from_pretrained("openai-community/gpt2")
+    >>> model = AutoModelForCausalLM.from_pretrained("openai-community/gpt2")
+    >>> inputs = tok(["My neighbour has a pet"], return_tensors="pt")
+    >>> settings = RankGenSettings(LikesCats(), tokenizer=tok, num_beams=2, num_samples=4, rerank_every=10)
+    >>> torch.manual_seed(0)  # doctest: +IGNORE_RESULT
+    >>> out = model.generate(**inputs, custom_generate=rankgen_generate, rankgen=settings, do_sample=True,
+    ...                      top_p=0.9, max_new_tokens=30, pad_token_id=tok.eos_token_id)
+    >>> out.shape[0]
+    1
+    ```
+    """
+
+    scorer: Any
+    tokenizer: Any = None
+    mode: str = "beam"
+    num_beams: int = 2
+    num_samples: int = 10
+    rerank_every: int = 20
+    scorer_batch_size: int | None = None
+
+    def __post_init__(self):
+        if self.scorer is None or not (callable(getattr(self.scorer, "score", None)) or has_vector_api(self.scorer)):
+            raise ValueError(
+                f"RankGenSettings.scorer must have a `score(prefixes, continuations)` method (or `encode_prefix` and "
+                f"`encode_suffix`), got {type(self.scorer).__name__}."
+            )
+        if self.mode not in MODES:
+            raise ValueError(f"RankGenSettings.mode must be one of {MODES}, got {self.mode!r}.")
+        for name in ("num_beams", "num_samples", "rerank_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"RankGenSettings.{name} must be a positive integer, got {value!r}.")
+        value = self.scorer_batch_size
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"RankGenSettings.scorer_batch_size must be a positive integer or None, got {value!r}.")
+        if self.tokenizer is not None and not callable(getattr(self.tokenizer, "batch_decode", None)):
+            raise ValueError(
+                "RankGenSettings.tokenizer must be the generator's tokenizer (with `decode`/`batch_decode`), got "
+                f"{type(self.tokenizer).__name__}."
+            )
+
+
+@dataclass
+class RankGenDecoderOnlyOutput(GenerateDecoderOnlyOutput):
+    """What :func:`rankgen_generate` returns with ``return_dict_in_generate=True``.
+
+    Args:
+        sequences (`torch.LongTensor` of shape `(batch_size * num_return_sequences, sequence_length)`):
+            Each prompt (as given, left padding included) followed by its best continuation, right-padded with
+            ``pad_token_id`` to a common length.
+        scores (`torch.FloatTensor` of shape `(batch_size * num_return_sequences,)`):
+            NOT per-step logits as in other decoding methods: the RankGen score of each returned sequence, i.e. the
+            scorer's score of the continuation's text (generator tokenizer, special tokens skipped, cut at EOS) as a
+            continuation of the prompt's text (windowed as described in :func:`rankgen_generate` when the scorer
+            has ``max_suffix_tokens``).
+
+    The per-step fields of :class:`~transformers.generation.GenerateDecoderOnlyOutput` (``logits``, ``attentions``,
+    ``hidden_states``, ``cache``) are always ``None``: rows are reshuffled between rounds, so they would not
+    describe the returned sequences.
+    """
+
+    scores: torch.FloatTensor | None = None
+
+
+@dataclass
+class _Candidate:
+    tokens: list[int]  # the continuation's token ids (EOS included when it ended on one)
+    text: str
+    score: float
+    finished: bool
+
+
+def _resolve_settings(rankgen: Any, rankgen_tokenizer: Any) -> RankGenSettings:
+    missing_tokenizer = (
+        "RankGen decoding needs the generator's tokenizer to turn candidates into text: pass "
+        "`rankgen=RankGenSettings(scorer, tokenizer=tok)` or `rankgen_tokenizer=tok` (with "
+        "`rankgen_logits.enable_rankgen_generate()`, `tokenizer=tok` works too)."
+    )
+    if rankgen is None:
+        raise ValueError(
+            "rankgen_generate needs `rankgen=RankGenSettings(scorer, tokenizer=tok)` (or `rankgen=scorer` with "
+            "`rankgen_tokenizer=tok`)."
+        )
+    if isinstance(rankgen, RankGenSettings):
+        if rankgen.tokenizer is None:
+            if rankgen_tokenizer is None:
+                raise ValueError(missing_tokenizer)
+            return RankGenSettings(**{**vars(rankgen), "tokenizer": rankgen_tokenizer})
+        return rankgen
+    if rankgen_tokenizer is None:
+        raise ValueError(missing_tokenizer)
+    return RankGenSettings(scorer=rankgen, tokenizer=rankgen_tokenizer)
+
+
+def _batches(items: list, size: int | None):
+    size = size or max(len(items), 1)
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _as_scores(value: Any, expected: int, what: str) -> torch.Tensor:
+    scores = torch.as_tensor(value).detach().float().flatten().cpu()
+    if scores.numel() != expected:
+        raise ValueError(f"The scorer's {what} returned {scores.numel()} values for {expected} texts.")
+    return torch.nan_to_num(scores, nan=-math.inf)
+
+
+def split_for_window(text: str, max_tokens: int, scorer_tokenizer: Any = None) -> tuple[str, str]:
+    """Split ``text`` into ``(earlier, window)`` with ``window`` its last ``max_tokens`` tokens.
+
+    Tokens are counted with ``scorer_tokenizer`` when given (character offsets from a fast tokenizer, else decoded
+    token slices), otherwise estimated as ``CHARS_PER_TOKEN`` (4) characters per token, with the window moved forward
+    to the next space so that it does not start mid-word. ``earlier`` is ``""`` when the text fits.
+    """
+    if scorer_tokenizer is not None:
+        try:
+            offsets = scorer_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        except (NotImplementedError, ValueError, TypeError, KeyError):
+            ids = scorer_tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) <= max_tokens:
+                return "", text
+            return scorer_tokenizer.decode(ids[:-max_tokens]), scorer_tokenizer.decode(ids[-max_tokens:])
+        if len(offsets) <= max_tokens:
+            return "", text
+        start = offsets[len(offsets) - max_tokens][0]
+        return text[:start], text[start:]
+    max_chars = CHARS_PER_TOKEN * max_tokens
+    if len(text) <= max_chars:
+        return "", text
+    start = len(text) - max_chars
+    space = text.find(" ", start)
+    if 0 <= space < len(text) - 1:
+        start = space
+    return text[:start], text[start:]
+
+
+class _RoundScorer:
+    """Scores candidates against their prompts; encodes each prompt once when the scorer has the vector API."""
+
+    def __init__(self, settings: RankGenSettings, prompt_texts: list[str]):
+        self.scorer = settings.scorer
+        self.batch_size = settings.scorer_batch_size
+        self.prompt_texts = prompt_texts
+        # `max_continuation_tokens` (RankGenScorer) excludes the "suffi " prompt and </s> from the 128-token budget.
+        window = getattr(self.scorer, "max_continuation_tokens", None) or getattr(
+            self.scorer, "max_suffix_tokens", None
+        )
+        self.window = window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
+        self.window_tokenizer = getattr(self.scorer, "tokenizer", None)
+        if self.window_tokenizer is not None and not callable(self.window_tokenizer):
+            self.window_tokenizer = None
+        self.vector = has_vector_api(self.scorer)
+        self.prefix_vectors = self._encode(self.scorer.encode_prefix, prompt_texts) if self.vector else None
+
+    def _encode(self, fn, texts: list[str]) -> torch.Tensor:
+        parts = [torch.as_tensor(fn(batch)) for batch in _batches(texts, self.batch_size)]
+        vectors = torch.cat(parts) if parts else torch.empty(0)
+        if vectors.shape[0] != len(texts):
+            raise ValueError(f"The scorer's encoder returned {vectors.shape[0]} vectors for {len(texts)} texts.")
+        return vectors
+
+    def __call__(self, prompt_index: list[int], texts: list[str]) -> torch.Tensor:
+        if not texts:
+            return torch.empty(0)
+        prefixes, suffixes, windowed = [], [], []
+        for i, (p, text) in enumerate(zip(prompt_index, texts)):
+            earlier, window = (
+                ("", text) if self.window is None else split_for_window(text, self.window, self.window_tokenizer)
+            )
+            prefixes.append(self.prompt_texts[p] + earlier)
+            suffixes.append(window)
+            if earlier:
+                windowed.append(i)
+        if not self.vector:
+            parts = [
+                _as_scores(self.scorer.score(pre, suf), len(pre), "score()")
+                for pre, suf in zip(_batches(prefixes, self.batch_size), _batches(suffixes, self.batch_size))
+            ]
+            return torch.cat(parts)
+        suffix_vectors = self._encode(self.scorer.encode_suffix, suffixes)
+        device = self.prefix_vectors.device
+        prefix_vectors = self.prefix_vectors[torch.as_tensor(prompt_index, device=device)]
+        if windowed:  # the prefix of a windowed candidate includes the earlier part of its continuation
+            extra = self._encode(self.scorer.encode_prefix, [prefixes[i] for i in windowed])
+            prefix_vectors = prefix_vectors.clone()
+            prefix_vectors[torch.as_tensor(windowed, device=device)] = extra.to(prefix_vectors)
+        scores = (prefix_vectors.float() * suffix_vectors.to(device).float()).sum(-1)
+        return _as_scores(scores, len(texts), "encode_suffix()")
+
+
+def _rank(candidates: list[_Candidate], keep: int) -> list[_Candidate]:
+    """The best ``keep`` candidates, distinct texts first (ties: earlier candidates win)."""
+    ordered = sorted(candidates, key=lambda c: -c.score)
+    chosen, seen = [], set()
+    for candidate in ordered:
+        key = (candidate.text, candidate.finished)
+        if key not in seen:
+            seen.add(key)
+            chosen.append(candidate)
+            if len(chosen) == keep:
+                break
+    return chosen
+
+
+def _select_rows(model_kwargs: dict, index: torch.Tensor, rows: int) -> dict:
+    """Keep/repeat batch rows ``index`` of every batch tensor in ``model_kwargs`` and of the KV cache."""
+    for key, value in list(model_kwargs.items()):
+        if key == "position_ids" and isinstance(value, torch.Tensor) and value.dim() == 3:  # (3, batch, seq) mrope
+            model_kwargs[key] = value[:, index.to(value.device)]
+        elif isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
+            model_kwargs[key] = value[index.to(value.device)]
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    if cache is not None:
+        if not callable(getattr(cache, "reorder_cache", None)):
+            raise TypeError(f"RankGen decoding needs a transformers Cache with `reorder_cache`, got {type(cache)}.")
+        cache.reorder_cache(index)
+    return model_kwargs
+
+
+def _check_inputs(model: nn.Module, generation_config, synced_gpus: bool, model_kwargs: dict) -> None:
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise NotImplementedError("RankGen decoding supports decoder-only models.")
+    if not generation_config.do_sample:
+        raise ValueError(
+            "RankGen decoding samples candidates and lets the scorer choose, so it needs `do_sample=True` (with "
+            "top_p / top_k / temperature as you like); with greedy decoding every sample would be the same. "
+            "Pass `do_sample=True` to `generate` (`generate(..., rankgen=...)` through the patch does this by default)."
+        )
+    if (generation_config.num_beams or 1) > 1:
+        raise ValueError(
+            f"`num_beams={generation_config.num_beams}` selects transformers' beam search; with RankGen decoding set "
+            "the number of beams with `RankGenSettings(num_beams=...)` and leave `num_beams` unset."
+        )
+    if synced_gpus:
+        raise NotImplementedError("RankGen decoding does not support `synced_gpus` (DeepSpeed ZeRO-3 / FSDP).")
+    if model_kwargs.get("inputs_embeds") is not None:
+        raise NotImplementedError("RankGen decoding needs `input_ids` (the scorer reads the prompt's text).")
+    cache = model_kwargs.get("cache")
+    if cache is not None and getattr(cache, "is_compileable", False):
+        raise ValueError(
+            "RankGen decoding changes the number of rows between rounds, which static caches cannot do; use the "
+            "default dynamic cache (leave `cache_implementation` unset)."
+        )
+
+
+def _max_new_tokens(stopping_criteria: StoppingCriteriaList, generation_config, prompt_length: int) -> int:
+    limits = [generation_config.max_length] if generation_config.max_length is not None else []
+    limits += [c.max_length for c in stopping_criteria if isinstance(c, MaxLengthCriteria)]
+    if not limits:
+        raise ValueError("Set `max_new_tokens` (or `max_length`) for RankGen decoding.")
+    return max(1, min(limits) - prompt_length)
+
+
+def rankgen_generate(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config,
+    synced_gpus: bool = False,
+    streamer=None,
+    rankgen: RankGenSettings | Any = None,
+    rankgen_tokenizer: Any = None,
+    **model_kwargs,
+):
+    r"""RankGen decoding, called by ``model.generate(..., custom_generate=rankgen_generate, rankgen=...)``.
+
+    ``generate`` prepares everything as for ordinary sampling (generation config, logits processors such as
+    top-p / top-k / temperature, stopping criteria, attention mask, position ids, cache) and calls this instead of its
+    own sampling loop. Extra arguments:
+
+    Args:
+        rankgen (:class:`RankGenSettings` or a scorer): the settings, or a bare scorer (then defaults: beam mode,
+            B=2, N=10, L=20, and the tokenizer from ``rankgen_tokenizer``).
+        rankgen_tokenizer: the generator's tokenizer, when ``rankgen`` does not carry one. (``generate`` drops its
+            own ``tokenizer=`` argument before calling a custom decoding function; the patch from
+            :func:`rankgen_logits.enable_rankgen_generate` forwards it here.)
+
+    Behaviour:
+
+    - Sampling only: ``do_sample=False`` raises a ``ValueError`` (the logits processors transformers builds for
+      greedy decoding leave out top-p/top-k/temperature, so sampling anyway would silently ignore them).
+      ``generate(..., rankgen=...)`` through the patch sets ``do_sample=True`` unless ``do_sample`` is passed.
+    - The prompt is prefilled once, with one row per prompt; its last logits are sampled ``B·N`` times (beam mode) or
+      ``N`` times (rerank mode) and the cache rows are repeated. Then one forward per new token covers every row.
+    - Every ``L`` new tokens (beam mode) and at the end, each candidate's continuation so far is decoded with the
+      generator tokenizer (special tokens skipped, cut at EOS) and scored against its prompt's text (decoded from the
+      prompt as given, padding removed). The ``B`` best distinct candidates per prompt survive; the cache, attention
+      mask and position ids are reordered to the survivors, each repeated ``N`` times — nothing is re-fed.
+    - A row that emits EOS (or is stopped by a stopping criterion) emits padding for the rest of its round; if it is
+      among a round's survivors it is set aside as a candidate, scored once, and competes in every later round
+      without occupying rows. A prompt whose survivors have all finished stops using rows; decoding ends when no
+      rows are left or after ``max_new_tokens``.
+    - Scorers with ``encode_prefix``/``encode_suffix`` get each prompt encoded once per call. With
+      ``max_suffix_tokens``, a longer continuation is scored by its last ``max_suffix_tokens`` tokens, the earlier
+      part being appended to the prompt as the prefix (tokens counted with the scorer's ``.tokenizer`` if it has one,
+      else estimated as 4 characters per token); such prefixes are encoded per candidate.
+    - Prompts longer than ``max_position_embeddings - max_new_tokens`` are truncated from the left for the model
+      (a warning is logged); the returned sequences and the scorer still get the whole prompt.
+    - ``num_return_sequences=k`` returns each prompt's ``k`` best candidates (distinct where possible).
+    - Not supported: encoder-decoder models, ``inputs_embeds``, static caches, ``synced_gpus``, transformers'
+      ``num_beams``, ``stop_strings`` (``generate`` gives custom decoding functions no tokenizer for them), streaming
+      through ``generate`` (when a ``streamer`` is passed directly, the final continuation is put once at the end).
+
+    Returns:
+        ``torch.LongTensor`` ``(batch_size * num_return_sequences, sequence_length)``: each prompt as given followed
+        by its best continuation (EOS included when it ended on one), right-padded with ``pad_token_id``; or, with
+        ``return_dict_in_generate=True``, a :class:`RankGenDecoderOnlyOutput` whose ``scores`` are the RankGen scores
+        of the returned sequences. With a fixed seed (``torch.manual_seed``) and a deterministic scorer the output is
+        reproducible.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+    >>> from rankgen_logits import RankGenSettings, rankgen_generate
+
+    >>> class ShortWords:  # prefers continuations made of short words
+    ...     def score(self, prefixes, continuations):
+    ...         return torch.tensor([-sum(map(len, c.split())) / max(len(c.split()), 1) for c in continuations])
+
+    >>> tok = AutoTokenizer.from_pretrained("openai-community/gpt2")
+    >>> model = AutoModelForCausalLM.from_pretrained("openai-community/gpt2")
+    >>> inputs = tok(["The weather today is"], return_tensors="pt")
+    >>> torch.manual_seed(0)  # doctest: +IGNORE_RESULT
+    >>> out = model.generate(**inputs, custom_generate=rankgen_generate, rankgen=ShortWords(), rankgen_tokenizer=tok,
+    ...                      do_sample=True, top_p=0.9, max_new_tokens=40, return_dict_in_generate=True,
+    ...                      pad_token_id=tok.eos_token_id)
+    >>> out.sequences.shape[0], out.scores.shape
+    (1, torch.Size([1]))
+    ```
+    """
+    settings = _resolve_settings(rankgen, rankgen_tokenizer)
+    _check_inputs(model, generation_config, synced_gpus, model_kwargs)
+    tokenizer = settings.tokenizer
+    device = input_ids.device
+
+    # --- one row per prompt (generate expands the inputs by num_return_sequences; we draw our own samples)
+    k = generation_config.num_return_sequences or 1
+    candidates_per_round = (
+        settings.num_beams * settings.num_samples if settings.mode == "beam" else settings.num_samples
+    )
+    if k > candidates_per_round:
+        raise ValueError(
+            f"num_return_sequences={k} is more than the {candidates_per_round} candidates RankGen decoding ranks per "
+            "prompt; raise num_samples/num_beams or lower num_return_sequences."
+        )
+    if input_ids.shape[0] % k:
+        raise ValueError(f"The batch ({input_ids.shape[0]} rows) is not a multiple of num_return_sequences={k}.")
+    if k > 1:
+        rows_in = input_ids.shape[0]
+        model_kwargs = _select_rows(model_kwargs, torch.arange(0, rows_in, k, device=device), rows_in)
+        input_ids = input_ids[::k]
+    num_prompts, prompt_length = input_ids.shape
+    prompt_ids = input_ids  # as given, returned in the output
+    attention_mask = model_kwargs.get("attention_mask")
+
+    pad_token = getattr(generation_config, "_pad_token_tensor", None)
+    if pad_token is None and generation_config.pad_token_id is not None:
+        pad_token = torch.tensor(generation_config.pad_token_id, device=device)
+    eos_tokens = getattr(generation_config, "_eos_token_tensor", None)
+    if eos_tokens is None and generation_config.eos_token_id is not None:
+        eos_tokens = torch.tensor(generation_config.eos_token_id, device=device)
+    eos_set = set() if eos_tokens is None else set(eos_tokens.flatten().tolist())
+    if pad_token is not None:
+        pad_token = pad_token.to(device)
+    has_eos_stopping_criteria = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    max_new_tokens = _max_new_tokens(stopping_criteria, generation_config, prompt_length)
+    stopping_criteria = StoppingCriteriaList(c for c in stopping_criteria if not isinstance(c, MaxLengthCriteria))
+    every = settings.rerank_every if settings.mode == "beam" else max_new_tokens
+
+    # --- the prompts' text, for the scorer (whole prompt, padding removed)
+    prompt_texts = []
+    for p in range(num_prompts):
+        ids = prompt_ids[p] if attention_mask is None else prompt_ids[p][attention_mask[p].bool()]
+        prompt_texts.append(tokenizer.decode(ids.tolist(), skip_special_tokens=True))
+
+    # --- truncate from the left what the model cannot attend to
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    max_positions = getattr(text_config, "max_position_embeddings", None)
+    cache = model_kwargs.get("cache")
+    fresh_cache = cache is None or cache.get_seq_length() == 0
+    if max_positions and fresh_cache and prompt_length + max_new_tokens > max_positions:
+        keep = max_positions - max_new_tokens
+        if keep < 1:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} leaves no room for the prompt within the model's "
+                f"max_position_embeddings={max_positions}."
+            )
+        logger.warning(
+            f"RankGen decoding: the prompt ({prompt_length} tokens) plus max_new_tokens={max_new_tokens} exceeds the "
+            f"model's max_position_embeddings={max_positions}; the prompt is truncated from the left to {keep} "
+            "tokens for the generator (the scorer still sees the whole prompt)."
+        )
+        input_ids = input_ids[:, -keep:]
+        if attention_mask is not None:
+            model_kwargs["attention_mask"] = attention_mask = attention_mask[:, -keep:]
+        if "token_type_ids" in model_kwargs and model_kwargs["token_type_ids"] is not None:
+            model_kwargs["token_type_ids"] = model_kwargs["token_type_ids"][:, -keep:]
+        if model_kwargs.get("position_ids") is not None:
+            if attention_mask is not None:
+                positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+            else:
+                positions = torch.arange(keep, device=device).unsqueeze(0).expand(num_prompts, -1)
+            model_kwargs["position_ids"] = positions
+    model_length = input_ids.shape[1]  # where the continuation starts in the model's rows
+
+    scorer = _RoundScorer(settings, prompt_texts)
+    pool: list[list[_Candidate]] = [[] for _ in range(num_prompts)]  # finished survivors, per prompt
+    use_cache = model_kwargs.get("use_cache", True)
+
+    # --- prefill: one row per prompt
+    if hasattr(model, "_prefill"):
+        outputs = model._prefill(input_ids, generation_config, model_kwargs)
+    else:  # older transformers
+        outputs = model(**model.prepare_inputs_for_generation(input_ids, **model_kwargs), return_dict=True)
+    model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
+    next_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
+    del outputs
+
+    # first round: B·N (beam) or N (rerank) samples from each prompt's single row
+    row_prompt = torch.arange(num_prompts, device=device).repeat_interleave(candidates_per_round)
+    model_kwargs = _select_rows(model_kwargs, row_prompt, num_prompts)
+    input_ids = input_ids[row_prompt]
+    next_logits = next_logits[row_prompt]
+
+    unfinished = torch.ones(len(row_prompt), dtype=torch.long, device=device)
+    lengths = torch.zeros_like(unfinished)  # tokens each row produced before finishing (its continuation)
+    step = 0
+    optimize = getattr(model, "_optimize_model_for_decode", contextlib.nullcontext)
+    with optimize():
+        while True:
+            # --- sample one token for every row
+            next_scores = logits_processor(input_ids, next_logits)
+            probs = nn.functional.softmax(next_scores, dim=-1)
+            next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+            if has_eos_stopping_criteria and pad_token is not None:
+                next_tokens = next_tokens * unfinished + pad_token * (1 - unfinished)
+            input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+            step += 1
+            lengths = lengths + unfinished
+            unfinished = unfinished & ~stopping_criteria(input_ids, None).to(device)
+
+            last = step >= max_new_tokens or not bool(unfinished.any())
+            if step % every == 0 or last:
+                # --- a scoring round
+                rows = _row_candidates(input_ids, model_length, lengths, unfinished, eos_set, tokenizer)
+                row_prompt_list = row_prompt.tolist()
+                row_scores = scorer(row_prompt_list, [c.text for c in rows])
+                for candidate, score in zip(rows, row_scores.tolist()):
+                    candidate.score = score
+                by_prompt: list[list[tuple[int, _Candidate]]] = [[] for _ in range(num_prompts)]
+                for r, (p, candidate) in enumerate(zip(row_prompt_list, rows)):
+                    by_prompt[p].append((r, candidate))
+                if last:
+                    results = [_rank([c for _, c in by_prompt[p]] + pool[p], k) for p in range(num_prompts)]
+                    break
+                keep_rows = []
+                for p in range(num_prompts):
+                    row_of = {id(c): r for r, c in by_prompt[p]}
+                    survivors = _rank([c for _, c in by_prompt[p]] + pool[p], settings.num_beams)
+                    pool[p] = [c for c in survivors if c.finished]
+                    keep_rows += [row_of[id(c)] for c in survivors if not c.finished]
+                if not keep_rows:  # every prompt's survivors have finished
+                    results = [_rank(pool[p], k) for p in range(num_prompts)]
+                    break
+                index = torch.tensor(keep_rows, device=device).repeat_interleave(settings.num_samples)
+                model_kwargs = _select_rows(model_kwargs, index, len(row_prompt))
+                input_ids, row_prompt = input_ids[index], row_prompt[index]
+                unfinished = torch.ones(len(index), dtype=torch.long, device=device)
+                lengths = lengths[index]
+
+            # --- one forward for every row; the cache holds everything but the last token
+            model_inputs = model.prepare_inputs_for_generation(
+                input_ids, next_sequence_length=1 if use_cache else None, **model_kwargs
+            )
+            outputs = model(**model_inputs, return_dict=True)
+            model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
+            next_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
+            del outputs
+
+    # --- assemble: prompt as given + best continuation(s), right-padded
+    chosen = []
+    for p in range(num_prompts):
+        ranked = results[p]
+        chosen += [ranked[i] if i < len(ranked) else ranked[0] for i in range(k)]  # too few: repeat the best
+    width = max(len(c.tokens) for c in chosen)
+    if pad_token is None and any(len(c.tokens) < width for c in chosen):
+        raise ValueError("Set `pad_token_id` (or `eos_token_id`) to pad continuations of different lengths.")
+    fill = int(pad_token) if pad_token is not None else 0
+    sequences = torch.full((len(chosen), prompt_length + width), fill, dtype=torch.long, device=device)
+    sequences[:, :prompt_length] = prompt_ids.repeat_interleave(k, dim=0)
+    for i, candidate in enumerate(chosen):
+        sequences[i, prompt_length : prompt_length + len(candidate.tokens)] = torch.tensor(
+            candidate.tokens, dtype=torch.long, device=device
+        )
+    if streamer is not None:
+        streamer.put(sequences[:, prompt_length:].cpu())
+        streamer.end()
+    if generation_config.return_dict_in_generate:
+        return RankGenDecoderOnlyOutput(
+            sequences=sequences, scores=torch.tensor([c.score for c in chosen], dtype=torch.float32, device=device)
+        )
+    return sequences
+
+
+def _row_candidates(input_ids, start, lengths, unfinished, eos_set, tokenizer) -> list[_Candidate]:
+    """The continuation of every row as a candidate (tokens up to its end, text cut at the first EOS)."""
+    tokens = [row[start : start + n] for row, n in zip(input_ids.tolist(), lengths.tolist())]
+    for_text = []
+    for ids in tokens:
+        cut = next((i for i, t in enumerate(ids) if t in eos_set), len(ids))
+        for_text.append(ids[:cut])
+    texts = tokenizer.batch_decode(for_text, skip_special_tokens=True)
+    return [
+        _Candidate(tokens=ids, text=text, score=-math.inf, finished=not alive)
+        for ids, text, alive in zip(tokens, texts, unfinished.tolist())
+    ]

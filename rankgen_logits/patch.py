@@ -1,0 +1,93 @@
+"""Opt-in ``generate(..., rankgen=...)``: routes such calls to :func:`rankgen_logits.rankgen_generate`.
+
+``import rankgen_logits`` changes nothing; call :func:`enable_rankgen_generate` to wrap
+``transformers.GenerationMixin.generate`` (every model class that inherits it, PEFT models whose ``generate`` forwards
+to the base model, and ``pipeline("text-generation")``), and :func:`disable_rankgen_generate` to put it back.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from transformers import GenerationMixin
+
+from .generation import rankgen_generate
+
+_MARKER = "_rankgen_logits_wrapper"
+
+
+def rankgen_generate_enabled() -> bool:
+    """Whether ``GenerationMixin.generate`` currently routes ``rankgen=`` calls to RankGen decoding."""
+    return getattr(GenerationMixin.generate, _MARKER, False)
+
+
+def enable_rankgen_generate() -> None:
+    """Let ``model.generate(..., rankgen=...)`` decode with RankGen. Idempotent; undo with :func:`disable_rankgen_generate`.
+
+    With the patch, a ``generate`` call that carries ``rankgen=`` (a :class:`rankgen_logits.RankGenSettings` or a
+    bare scorer) becomes ``generate(..., custom_generate=rankgen_generate, rankgen=..., rankgen_tokenizer=...)``:
+
+    - ``tokenizer=`` given to ``generate`` is handed to RankGen decoding as the generator's tokenizer (plain
+      ``generate`` drops it before calling a custom decoding function);
+    - ``do_sample=True`` is added unless ``do_sample`` is passed (RankGen decoding samples; an explicit
+      ``do_sample=False`` is an error);
+    - a ``streamer`` is refused (candidates only become final at the end, and ``generate`` would not hand it on).
+
+    Calls without ``rankgen=`` are passed through unchanged.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+    >>> import rankgen_logits
+
+    >>> class LikesCats:
+    ...     def score(self, prefixes, continuations):
+    ...         return torch.tensor([float(c.count("cat")) for c in continuations])
+
+    >>> rankgen_logits.enable_rankgen_generate()
+    >>> tok = AutoTokenizer.from_pretrained("openai-community/gpt2")
+    >>> model = AutoModelForCausalLM.from_pretrained("openai-community/gpt2")
+    >>> inputs = tok(["My neighbour has a pet"], return_tensors="pt")
+    >>> out = model.generate(**inputs, rankgen=LikesCats(), tokenizer=tok, max_new_tokens=30, top_p=0.9,
+    ...                      pad_token_id=tok.eos_token_id)
+    >>> settings = rankgen_logits.RankGenSettings(LikesCats(), tokenizer=tok, mode="rerank", num_samples=8)
+    >>> text = pipeline("text-generation", model=model, tokenizer=tok)("My neighbour has a pet", rankgen=settings,
+    ...                                                                 max_new_tokens=30)[0]["generated_text"]
+    >>> rankgen_logits.disable_rankgen_generate()
+    ```
+    """
+    if rankgen_generate_enabled():
+        return
+    original = GenerationMixin.generate
+
+    @functools.wraps(original)
+    def generate(self, *args, rankgen=None, **kwargs):
+        if rankgen is None:
+            return original(self, *args, **kwargs)
+        custom = kwargs.pop("custom_generate", None)
+        if custom is not None and custom is not rankgen_generate:
+            raise ValueError(
+                f"`rankgen=` selects RankGen decoding; it cannot be combined with custom_generate={custom!r}."
+            )
+        if kwargs.get("streamer") is not None:
+            raise ValueError(
+                "Streaming is not supported with `rankgen=`: RankGen decoding only knows the final text at the end."
+            )
+        tokenizer = kwargs.pop("tokenizer", None)
+        if kwargs.get("rankgen_tokenizer") is None:
+            kwargs["rankgen_tokenizer"] = tokenizer
+        kwargs.setdefault("do_sample", True)
+        return original(self, *args, custom_generate=rankgen_generate, rankgen=rankgen, **kwargs)
+
+    setattr(generate, _MARKER, True)
+    generate.__wrapped__ = original
+    GenerationMixin.generate = generate
+
+
+def disable_rankgen_generate() -> None:
+    """Undo :func:`enable_rankgen_generate` (a no-op when it is not enabled)."""
+    current = GenerationMixin.generate
+    if getattr(current, _MARKER, False):
+        GenerationMixin.generate = current.__wrapped__
