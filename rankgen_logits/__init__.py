@@ -9,9 +9,10 @@ cache rows of the survivors are reordered after each scoring round.
   rerank_every=20)``;
 - ``model.generate(ids, custom_generate=rankgen_generate, rankgen=settings, do_sample=True, max_new_tokens=...)``
   works with no patching;
-- ``rankgen_logits.enable_rankgen_generate()`` (explicit, reversible with ``disable_rankgen_generate()``; importing
-  the package patches nothing) makes ``model.generate(ids, rankgen=settings_or_scorer, tokenizer=tok, ...)`` work,
-  also through PEFT models and ``pipeline("text-generation")``.
+- ``import rankgen_logits`` wraps ``transformers.GenerationMixin.generate`` so that
+  ``model.generate(ids, rankgen=settings_or_scorer, tokenizer=tok, ...)`` works, also through PEFT models and
+  ``pipeline("text-generation")``. Only calls that carry ``rankgen=`` change; ``disable_rankgen_generate()`` removes
+  the wrapper and ``enable_rankgen_generate()`` puts it back (both idempotent).
 """
 
 from .generation import RankGenSettings, rankgen_generate  # noqa: F401
@@ -19,3 +20,5 @@ from .patch import disable_rankgen_generate, enable_rankgen_generate, rankgen_ge
 from .scorer import RankGenConfig, RankGenScorer  # noqa: F401
 
 __version__ = "0.1.0"
+
+enable_rankgen_generate()

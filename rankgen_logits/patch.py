@@ -1,8 +1,9 @@
-"""Opt-in ``generate(..., rankgen=...)``: routes such calls to :func:`rankgen_logits.rankgen_generate`.
+"""``generate(..., rankgen=...)``: routes such calls to :func:`rankgen_logits.rankgen_generate`.
 
-``import rankgen_logits`` changes nothing; call :func:`enable_rankgen_generate` to wrap
-``transformers.GenerationMixin.generate`` (every model class that inherits it, PEFT models whose ``generate`` forwards
-to the base model, and ``pipeline("text-generation")``), and :func:`disable_rankgen_generate` to put it back.
+``import rankgen_logits`` calls :func:`enable_rankgen_generate`, which wraps ``transformers.GenerationMixin.generate``
+(every model class that inherits it, PEFT models whose ``generate`` forwards to the base model, and
+``pipeline("text-generation")``). Only calls carrying ``rankgen=`` take the new route; every other call reaches the
+original ``generate`` unchanged. :func:`disable_rankgen_generate` puts the original back.
 """
 
 from __future__ import annotations

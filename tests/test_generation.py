@@ -7,6 +7,8 @@ small classes implementing the protocol, so nothing is downloaded.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -518,7 +520,16 @@ def test_custom_generate_works_without_the_patch(model, tok):
     assert out.shape[0] == len(PROMPTS)
 
 
-def test_import_does_not_patch_and_patch_is_idempotent_and_reversible(model, tok):
+def test_import_patches_in_a_fresh_process():
+    code = (
+        "import transformers; plain = transformers.GenerationMixin.generate; import rankgen_logits; "
+        "assert rankgen_logits.rankgen_generate_enabled() and transformers.GenerationMixin.generate is not plain"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_patch_is_idempotent_and_reversible(model, tok):
+    disable_rankgen_generate()
     original = GenerationMixin.generate
     assert not rankgen_generate_enabled() and not getattr(original, "_rankgen_logits_wrapper", False)
     with pytest.raises(ValueError, match="model_kwargs"):
@@ -544,6 +555,7 @@ def test_import_does_not_patch_and_patch_is_idempotent_and_reversible(model, tok
     assert GenerationMixin.generate is original and not rankgen_generate_enabled()
     with pytest.raises(ValueError, match="model_kwargs"):
         model.generate(**inputs, rankgen=WordCount(), tokenizer=tok, max_new_tokens=4)
+    enable_rankgen_generate()  # back to the state `import rankgen_logits` leaves
 
 
 def test_peft_model_with_ntk_adapter(tok):
