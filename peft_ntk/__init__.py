@@ -23,6 +23,13 @@ from .ops import (
     softmax_attention_with_lse,
 )
 from .registration import NTK_PEFT_TYPE, register_with_peft
+from .saving import (
+    atomic_save_pretrained,
+    atomic_save_scope,
+    disable_atomic_save,
+    enable_atomic_save,
+    recover_interrupted_save,
+)
 
 __version__ = "0.1.0"
 
@@ -35,13 +42,18 @@ __all__ = [
     "NTKAttentionConfig",
     "NTKAttentionLayer",
     "NTKAttentionModel",
+    "atomic_save_pretrained",
+    "atomic_save_scope",
+    "disable_atomic_save",
     "elu_feature_map",
+    "enable_atomic_save",
     "find_attention_modules",
     "naive_ntk_attention",
     "ntk_attention",
     "ntk_attention_forward",
     "ntk_combine",
     "prefix_state_from_keys_values",
+    "recover_interrupted_save",
     "register_feature_map",
     "softmax_attention_with_lse",
 ]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -10,6 +13,9 @@ from peft.config import PeftConfig
 from .ops import FEATURE_MAPS
 
 INIT_CHOICES = ("small_random", "zeros", "random")
+# PEFT's adapter weight files (peft.utils.constants SAFETENSORS_WEIGHTS_NAME / WEIGHTS_NAME).
+ADAPTER_SAFETENSORS = "adapter_model.safetensors"
+ADAPTER_BIN = "adapter_model.bin"
 ATTENTION_BACKENDS = ("auto", "fused", "reference")
 
 
@@ -108,7 +114,7 @@ class NTKAttentionConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        if self.feature_map not in FEATURE_MAPS:
+        if not isinstance(self.feature_map, str) or self.feature_map not in FEATURE_MAPS:
             raise ValueError(
                 f"feature_map={self.feature_map!r} is not registered; choose one of {sorted(FEATURE_MAPS)} or register "
                 "yours first with peft_ntk.register_feature_map(name, fn)."
@@ -118,16 +124,36 @@ class NTKAttentionConfig(PeftConfig):
                 f"init_weights={self.init_weights!r} is not supported; use one of {INIT_CHOICES}, True (= 'zeros') or "
                 "False (= 'random')."
             )
-        if not 0.0 <= self.feature_dropout < 1.0:
-            raise ValueError(f"feature_dropout must be in [0, 1), got {self.feature_dropout}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
+        if not _is_number(self.feature_dropout) or not 0.0 <= self.feature_dropout < 1.0:
+            raise ValueError(
+                f"feature_dropout is a dropout probability and must be a number in [0, 1), got {self.feature_dropout!r}."
+            )
+        if not isinstance(self.attention_backend, str) or self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend={self.attention_backend!r} is not supported; use one of {ATTENTION_BACKENDS}."
             )
-        if not self.init_scale >= 0.0:
-            raise ValueError(f"init_scale must be >= 0, got {self.init_scale}")
+        if not _is_number(self.init_scale) or not 0.0 <= self.init_scale < math.inf:
+            raise ValueError(
+                f"init_scale is the standard deviation of the 'small_random' initialisation and must be a finite "
+                f"number >= 0 (default 1e-4), got {self.init_scale!r}."
+            )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern only has an effect together with layers_to_transform; set both.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load the config (``adapter_config.json``), as PEFT's ``PeftConfig.from_pretrained`` does.
+
+        When PEFT calls this to load an adapter (``PeftModel.from_pretrained`` / ``load_adapter``) from a local
+        folder, the weights file next to the config is checked first, because PEFT reports a missing local file as
+        an invalid Hub repository id and a truncated one as a bare safetensors header error. Reading only the
+        config (e.g. after ``config.save_pretrained``) checks nothing.
+        """
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        if os.path.isdir(folder) and _called_by_peft_adapter_loader():
+            check_adapter_weights(folder)
+        return config
 
     @property
     def init_mode(self) -> str:
@@ -136,3 +162,43 @@ class NTKAttentionConfig(PeftConfig):
         if self.init_weights is False:
             return "random"
         return self.init_weights
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _called_by_peft_adapter_loader() -> bool:
+    """True when ``from_pretrained``'s caller is PEFT's adapter loading, which reads the weights right afterwards."""
+    try:
+        caller = sys._getframe(2)  # 0: here, 1: from_pretrained, 2: its caller
+    except (AttributeError, ValueError):  # pragma: no cover - not CPython, or no such frame
+        return False
+    return caller.f_globals.get("__name__", "").startswith("peft.") and caller.f_code.co_name in (
+        "from_pretrained",
+        "load_adapter",
+    )
+
+
+def check_adapter_weights(folder: str) -> None:
+    """Raise an ``OSError`` that says what to do when ``folder`` has no readable adapter weights file."""
+    safetensors_file = os.path.join(folder, ADAPTER_SAFETENSORS)
+    if os.path.isfile(safetensors_file):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(safetensors_file, framework="pt"):
+                pass  # parsing the header also checks that the file is as long as the header says
+        except Exception as err:  # safetensors raises its own SafetensorError
+            raise OSError(
+                f"{safetensors_file} is not a valid safetensors file ({err}): it is truncated or corrupted, e.g. by "
+                "an interrupted save, copy or download. Save the adapter again (model.save_pretrained) or copy the "
+                "whole folder again."
+            ) from err
+        return
+    if os.path.isfile(os.path.join(folder, ADAPTER_BIN)):
+        return
+    raise FileNotFoundError(
+        f"{folder} has an adapter_config.json but no adapter weights ({ADAPTER_SAFETENSORS} or {ADAPTER_BIN}). "
+        "Copy the whole folder that save_pretrained wrote (both files), or point to the folder that holds them."
+    )

@@ -7,7 +7,9 @@ import inspect
 import re
 from typing import Optional
 
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
+from peft.utils.constants import DUMMY_TARGET_MODULES
+from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
@@ -86,6 +88,15 @@ def unsupported_model_error(model: nn.Module) -> ValueError:
     )
 
 
+def _attention_summary(model: nn.Module) -> str:
+    """The model's attention modules, for error messages: how many, their name endings, an example."""
+    attention = find_attention_modules(model, include_cross_attention=True)
+    if not attention:
+        return "no attention modules"
+    endings = ", ".join(repr(e) for e in sorted({name.split(".")[-1] for name in attention}))
+    return f"{len(attention)} attention modules (e.g. {attention[0]!r}), whose names end in {endings}"
+
+
 def _configs(model: nn.Module) -> list:
     """Every distinct config object of the model and its sub-models (T5, encoder-decoders share or nest them)."""
     seen, configs = set(), []
@@ -143,6 +154,88 @@ class NTKAttentionModel(BaseTuner):
             peft_config.target_modules = default_target_modules(self.model)
         return peft_config
 
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict] = None,
+        **kwargs,
+    ) -> None:
+        if state_dict is None:
+            # Before PEFT changes anything (attention routing, wrapped modules): a bad target list must leave the
+            # model as it was, and the error should say which modules would work.
+            self._check_targets(model, self.peft_config[adapter_name])
+        super().inject_adapter(
+            model,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            state_dict=state_dict,
+            **kwargs,
+        )
+
+    def _check_targets(self, model: nn.Module, config: NTKAttentionConfig) -> None:
+        """Raise unless ``config.target_modules`` selects at least one module and only attention modules."""
+        targets = config.target_modules
+        if targets is None or targets == DUMMY_TARGET_MODULES:
+            return  # the default (every self-attention module) is resolved in _prepare_adapter_config
+        if not find_attention_modules(model, include_cross_attention=True):
+            raise unsupported_model_error(model)
+        # Like PEFT, skip the insides of modules that already carry an adapter (their base_layer and its children).
+        wrapped = tuple(name + "." for name, module in model.named_modules() if isinstance(module, BaseTunerLayer))
+        matched, excluded = [], []
+        for name, module in model.named_modules():
+            if not name or (wrapped and name.startswith(wrapped)):
+                continue
+            result = self._check_target_module_exists(config, name)
+            if isinstance(result, _ExcludedModule):
+                excluded.append(name)
+            elif result:
+                matched.append((name, module))
+        if not matched:
+            shown = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+            why = f"target_modules={shown!r} matches no module of {type(model).__name__}"
+            if excluded:
+                why += f" that exclude_modules={config.exclude_modules!r} leaves in"
+            if config.layers_to_transform is not None:
+                why += f" within layers_to_transform={config.layers_to_transform!r}"
+            raise NoMatchingPeftModuleError(
+                f"{why}. NTK-Attention adapts whole attention modules; this model has {_attention_summary(model)}. "
+                "Name those modules (a full name, a suffix such as the name ending, or a regex), or leave "
+                "target_modules unset to adapt every self-attention module."
+            )
+        for name, module in matched:
+            if not is_attention_module(module):
+                raise ValueError(
+                    f"target module {name!r} ({type(module).__name__}) is not an attention module: NTK-Attention "
+                    "adapts whole attention modules, those whose forward calls transformers' ALL_ATTENTION_FUNCTIONS. "
+                    f"This model has {_attention_summary(model)}. Fix target_modules, or leave target_modules unset "
+                    "to adapt every self-attention module."
+                )
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        """Activate the adapter(s) ``adapter_name`` (a name or a list of names); refuse unknown or incompatible ones.
+
+        Checked before anything changes, so a refused call leaves the active adapters as they were.
+        """
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        missing = [name for name in names if name not in self.peft_config]
+        if missing:
+            raise ValueError(
+                f"no adapter named {', '.join(map(repr, missing))}; this model has {sorted(self.peft_config)}. Load it "
+                "first (model.load_adapter(path, adapter_name=...) or model.add_adapter(name, config)) or pick one "
+                "of those."
+            )
+        feature_maps = {name: getattr(self.peft_config[name], "feature_map", None) for name in names}
+        if len(set(feature_maps.values())) > 1:
+            raise ValueError(
+                f"adapters {names} cannot be active together: they use different feature maps {feature_maps}, so "
+                "their prefixes cannot be combined. Activate one of them, or only adapters with the same feature_map."
+            )
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+
     def _prepare_model(self, peft_config: NTKAttentionConfig, model: nn.Module) -> None:
         if not find_attention_modules(model, include_cross_attention=True):
             raise unsupported_model_error(model)
@@ -161,14 +254,12 @@ class NTKAttentionModel(BaseTuner):
         if isinstance(target, NTKAttentionLayer):
             target.update_layer(adapter_name, peft_config)
             return
-        if not is_attention_module(target):
-            attention = find_attention_modules(self.model, include_cross_attention=True)
-            example = ", ".join(sorted({name.split(".")[-1] for name in attention})) or "none found"
+        if not is_attention_module(target):  # normally caught earlier, by _check_targets
             raise ValueError(
                 f"target module {current_key!r} ({type(target).__name__}) is not an attention module: NTK-Attention "
                 "adapts whole attention modules, those whose forward calls transformers' ALL_ATTENTION_FUNCTIONS. "
-                f"Attention modules in this model end in: {example}. Fix target_modules, or leave it unset to adapt "
-                "every self-attention module."
+                f"This model has {_attention_summary(self.model)}. Fix target_modules, or leave target_modules "
+                "unset to adapt every self-attention module."
             )
         new_module = NTKAttentionLayer(target, adapter_name, peft_config)
         if adapter_name not in self.active_adapters:

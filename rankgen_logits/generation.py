@@ -322,6 +322,129 @@ def _check_inputs(model: nn.Module, generation_config, synced_gpus: bool, model_
         )
 
 
+def _text_config(model: nn.Module):
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def _kv_cache_dims(model: nn.Module) -> dict | None:
+    """Layers, key/value heads, head size, bytes per element and per-layer windows of the model's KV cache."""
+    config = _text_config(model)
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not isinstance(head_dim, int) and isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        head_dim = hidden // heads
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (layers, kv_heads, head_dim)):
+        return None
+    window = getattr(config, "sliding_window", None)
+    window = window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
+    layer_types = getattr(config, "layer_types", None)
+    if not isinstance(layer_types, (list, tuple)) or len(layer_types) != layers:
+        layer_types = ["sliding_attention" if window else "full_attention"] * layers
+    windows = [
+        window if window and kind in ("sliding_attention", "chunked_attention") else None for kind in layer_types
+    ]
+    dtype = getattr(model, "dtype", None)
+    itemsize = dtype.itemsize if isinstance(dtype, torch.dtype) else 4
+    return {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "itemsize": itemsize, "windows": windows}
+
+
+def predicted_kv_cache_bytes(model: nn.Module, rows: int, length: int) -> int | None:
+    """Size of the KV cache for ``rows`` sequences of ``length`` tokens, or ``None`` when the config does not say.
+
+    rows × Σ over layers of (2 × key/value heads × head size × positions × bytes per element), where a sliding-window
+    layer keeps at most its window of positions.
+    """
+    dims = _kv_cache_dims(model)
+    if dims is None:
+        return None
+    positions = sum(length if w is None else min(length, w) for w in dims["windows"])
+    return rows * positions * 2 * dims["kv_heads"] * dims["head_dim"] * dims["itemsize"]
+
+
+def _read_int(path: str, prefix: str = "") -> int | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                if line.startswith(prefix):
+                    value = line[len(prefix) :].split()[0]
+                    return int(value) * (1024 if line.rstrip().endswith("kB") else 1)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory that new tensors on ``device`` can still take, or ``None`` where it cannot be told.
+
+    CUDA: free device memory plus what torch's caching allocator holds but does not use. CPU: ``MemAvailable`` from
+    ``/proc/meminfo``, lowered inside a memory-limited (cgroup v2) container to its limit minus what it uses other
+    than page cache (which the kernel reclaims), so that the estimate errs on the generous side.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            free, _ = torch.cuda.mem_get_info(device)
+            return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        except (RuntimeError, AssertionError):  # no usable CUDA context: check nothing
+            return None
+    if device.type != "cpu":
+        return None
+    available = _read_int("/proc/meminfo", "MemAvailable:")
+    cgroup = "/sys/fs/cgroup/"
+    limit, used = _read_int(cgroup + "memory.max"), _read_int(cgroup + "memory.current")
+    page_cache = _read_int(cgroup + "memory.stat", "file ")
+    if available is not None and None not in (limit, used, page_cache):
+        available = min(available, max(limit - (used - page_cache), 0))
+    return available
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _check_memory(
+    model: nn.Module,
+    settings: RankGenSettings,
+    num_prompts: int,
+    candidates_per_round: int,
+    prompt_length: int,
+    max_new_tokens: int,
+    device: torch.device,
+) -> None:
+    """Refuse, before anything is allocated, a call whose KV cache alone cannot fit in the available memory."""
+    device_map = getattr(model, "hf_device_map", None)
+    if isinstance(device_map, dict) and len(set(map(str, device_map.values()))) > 1:
+        return  # the cache is spread over several devices; one device's free memory says little
+    rows = num_prompts * candidates_per_round
+    length = prompt_length + max_new_tokens
+    needed = predicted_kv_cache_bytes(model, rows, length)
+    if needed is None:
+        return
+    available = available_memory_bytes(device)
+    if available is None or needed <= available:
+        return
+    dims = _kv_cache_dims(model)
+    per_prompt = (
+        f"num_beams={settings.num_beams} × num_samples={settings.num_samples}"
+        if settings.mode == "beam"
+        else f"num_samples={settings.num_samples}"
+    )
+    raise ValueError(
+        f"RankGen decoding would need about {_size(needed)} for the KV cache alone, but only {_size(available)} is "
+        f"available on {device}. KV cache: {rows} rows ({num_prompts} prompts × {candidates_per_round} candidates, "
+        f"{per_prompt}) × {length} positions (prompt {prompt_length} + max_new_tokens {max_new_tokens}) × "
+        f"{dims['layers']} layers × 2 (keys, values) × {dims['kv_heads']} key/value heads × {dims['head_dim']} "
+        f"(head size) × {dims['itemsize']} bytes. Lower num_samples or num_beams, pass fewer prompts per call (split "
+        "the batch), or lower max_new_tokens."
+    )
+
+
 def _max_new_tokens(stopping_criteria: StoppingCriteriaList, generation_config, prompt_length: int) -> int:
     limits = [generation_config.max_length] if generation_config.max_length is not None else []
     limits += [c.max_length for c in stopping_criteria if isinstance(c, MaxLengthCriteria)]
@@ -376,6 +499,12 @@ def rankgen_generate(
       else estimated as 4 characters per token); such prefixes are encoded per candidate.
     - Prompts longer than ``max_position_embeddings - max_new_tokens`` are truncated from the left for the model
       (a warning is logged); the returned sequences and the scorer still get the whole prompt.
+    - Refused with a ``ValueError`` before anything runs: an empty prompt (``input_ids`` of length 0; give at least
+      one token, e.g. BOS), a batch row that is all padding (its index is named), and a call whose KV cache alone
+      (prompts × candidates per round × layers × 2 × key/value heads × head size × (prompt + ``max_new_tokens``) ×
+      bytes per element) exceeds the memory available on the device (``torch.cuda.mem_get_info``; on CPU,
+      ``MemAvailable``). ``max_new_tokens=0`` is refused by ``generate`` itself ("must be greater than 0"): RankGen
+      has nothing to rank without new tokens, so to get the prompt back unchanged, do not call ``generate``.
     - ``num_return_sequences=k`` returns each prompt's ``k`` best candidates (distinct where possible).
     - Not supported: encoder-decoder models, ``inputs_embeds``, static caches, ``synced_gpus``, transformers'
       ``num_beams``, ``stop_strings`` (``generate`` gives custom decoding functions no tokenizer for them), streaming
@@ -412,6 +541,11 @@ def rankgen_generate(
     """
     settings = _resolve_settings(rankgen, rankgen_tokenizer)
     _check_inputs(model, generation_config, synced_gpus, model_kwargs)
+    if input_ids.shape[-1] == 0:
+        raise ValueError(
+            "RankGen decoding got an empty prompt (input_ids of length 0): the model has nothing to continue. Give "
+            "every prompt at least one token, e.g. the tokenizer's BOS token (`input_ids=[[tok.bos_token_id]]`)."
+        )
     tokenizer = settings.tokenizer
     device = input_ids.device
 
@@ -434,6 +568,14 @@ def rankgen_generate(
     num_prompts, prompt_length = input_ids.shape
     prompt_ids = input_ids  # as given, returned in the output
     attention_mask = model_kwargs.get("attention_mask")
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        empty = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"RankGen decoding: prompt row(s) {empty} of the batch are all padding (attention_mask all zeros, "
+                "e.g. an empty prompt string), so there is nothing to continue. Drop those rows, or give every prompt "
+                "at least one token (e.g. the tokenizer's BOS token)."
+            )
 
     pad_token = getattr(generation_config, "_pad_token_tensor", None)
     if pad_token is None and generation_config.pad_token_id is not None:
@@ -456,7 +598,7 @@ def rankgen_generate(
         prompt_texts.append(tokenizer.decode(ids.tolist(), skip_special_tokens=True))
 
     # --- truncate from the left what the model cannot attend to
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    text_config = _text_config(model)
     max_positions = getattr(text_config, "max_position_embeddings", None)
     cache = model_kwargs.get("cache")
     fresh_cache = cache is None or cache.get_seq_length() == 0
@@ -465,7 +607,7 @@ def rankgen_generate(
         if keep < 1:
             raise ValueError(
                 f"max_new_tokens={max_new_tokens} leaves no room for the prompt within the model's "
-                f"max_position_embeddings={max_positions}."
+                f"max_position_embeddings={max_positions}: lower max_new_tokens below {max_positions}."
             )
         logger.warning(
             f"RankGen decoding: the prompt ({prompt_length} tokens) plus max_new_tokens={max_new_tokens} exceeds the "
@@ -484,6 +626,7 @@ def rankgen_generate(
                 positions = torch.arange(keep, device=device).unsqueeze(0).expand(num_prompts, -1)
             model_kwargs["position_ids"] = positions
     model_length = input_ids.shape[1]  # where the continuation starts in the model's rows
+    _check_memory(model, settings, num_prompts, candidates_per_round, model_length, max_new_tokens, device)
 
     scorer = _RoundScorer(settings, prompt_texts)
     pool: list[list[_Candidate]] = [[] for _ in range(num_prompts)]  # finished survivors, per prompt

@@ -103,14 +103,29 @@ def _offline() -> bool:
 
 def _as_text_list(texts: str | Iterable[str], name: str) -> list[str]:
     if isinstance(texts, str):
+        _check_encodable(texts, name)
         return [texts]
     texts = list(texts)
-    for text in texts:
+    for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(
                 f"`{name}` must be a string or a list of strings, got an item of type {type(text).__name__}"
             )
+        _check_encodable(text, f"{name}[{i}]")
     return texts
+
+
+def _check_encodable(text: str, where: str) -> None:
+    """Refuse text that is not valid Unicode (lone surrogates), which tokenizers cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start : err.end]
+        raise ValueError(
+            f"{where} contains {bad!r} at position {err.start}: a lone surrogate, not valid Unicode, so it cannot be "
+            "tokenised. Such text comes from decoding bytes with errors='surrogateescape' (e.g. os.fsdecode); decode "
+            "with errors='replace' instead, or clean it first: text.encode('utf-8', 'replace').decode('utf-8')."
+        ) from None
 
 
 class _Source:
