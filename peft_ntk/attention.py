@@ -154,34 +154,17 @@ def ntk_attention_forward(
     training = module.training
     dropout = dropout if training else 0.0
     feature_dropout = state.feature_dropout if training else 0.0
-    if _use_fused_path(state.attention_backend, query, dropout, want_weights):
-        out = fused_ntk_attention(
-            query,
-            key,
-            value,
-            state.z,
-            state.k,
-            attention_mask=mask,
-            is_causal=is_causal,
-            scaling=scaling,
-            feature_map=state.feature_map,
-            feature_dropout=feature_dropout,
-        )
-        return out.transpose(1, 2).contiguous(), None
-    result = ntk_attention(
-        query,
-        key,
-        value,
-        state.z,
-        state.k,
+    args = (query, key, value, state.z, state.k)
+    options = dict(
         attention_mask=mask,
         is_causal=is_causal,
         scaling=scaling,
         feature_map=state.feature_map,
-        dropout=dropout,
         feature_dropout=feature_dropout,
-        return_weights=want_weights,
     )
+    if _use_fused_path(state.attention_backend, query, dropout, want_weights):
+        return fused_ntk_attention(*args, **options).transpose(1, 2).contiguous(), None
+    result = ntk_attention(*args, **options, dropout=dropout, return_weights=want_weights)
     out, weights = result if want_weights else (result, None)
     return out.transpose(1, 2).contiguous(), weights
 
