@@ -25,13 +25,13 @@ from typing import Any
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from test_generation import tiny_llama
 from test_models import _save_llama_adapter, ntk_config, tiny_model
 from test_scorer import _train_tokenizer, _write_official_checkpoint
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     BloomConfig,
     BloomForCausalLM,
-    LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
@@ -75,25 +75,6 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>", padding_side="left")
 
 
-def llama_for(tok, max_positions: int = 128, seed: int = 0) -> LlamaForCausalLM:
-    """A tiny Llama (2 layers, 4 heads of size 8, 2 key/value heads) for ``tok``'s vocabulary."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-        initializer_range=0.2,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 class WordCount:
     """A protocol scorer: prefers continuations with many "cat"s."""
 
@@ -113,7 +94,7 @@ class Env:
 
     @cached_property
     def model(self) -> LlamaForCausalLM:
-        return llama_for(self.tok)
+        return tiny_llama(self.tok)
 
     @cached_property
     def official(self) -> str:
@@ -455,7 +436,9 @@ CASES: dict[str, Case] = {
         r"must be greater than 0, but is 0",
     ),
     "rankgen-max-new-tokens-beyond-context": Case(
-        lambda env, mp: env.generate(env.batch(["the dog ran"]), model=llama_for(env.tok, 32), max_new_tokens=40),
+        lambda env, mp: env.generate(
+            env.batch(["the dog ran"]), model=tiny_llama(env.tok, max_positions=32), max_new_tokens=40
+        ),
         ValueError,
         r"max_new_tokens=40 leaves no room for the prompt within the model's max_position_embeddings=32",
         r"lower max_new_tokens below 32",
@@ -588,7 +571,7 @@ def test_scorer_with_another_vocabulary_and_replacement_characters(env):
     Text is the interface, so the two vocabularies need not agree; U+FFFD is ordinary text to the scorer.
     """
     gen_tok = byte_tokenizer()
-    generator = llama_for(gen_tok)
+    generator = tiny_llama(gen_tok)
     assert len(gen_tok) != len(env.scorer_tokenizer)
     prompts = ["the cat sat on", "a bird"]
     inputs = gen_tok(prompts, return_tensors="pt", padding=True)
@@ -620,7 +603,7 @@ def test_replacement_character_scores_like_other_text(env):
 
 
 def test_long_prompt_is_truncated_from_the_left_with_a_warning(env):
-    small = llama_for(env.tok, max_positions=16)
+    small = tiny_llama(env.tok, max_positions=16)
     prompt = " ".join((WORDS * 2)[:20])
     inputs = env.batch([prompt])
     with CaptureLogger(generation.logger) as captured:
