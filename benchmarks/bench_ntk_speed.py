@@ -9,9 +9,10 @@ gradients dropped after each step; no optimizer step) of a randomly initialised 
 * ``base``: the frozen base model. Every base parameter has ``requires_grad=False``; ``enable_input_require_grads()``
   makes the embedding output require grad, so the backward runs through every layer down to the embeddings (the
   activation gradients an adapter needs), but no weight gradient is computed. This is the floor every adapter pays.
-* ``ntk-fused``: ``NTKAttentionConfig(attention_backend="fused")``: (O, LSE) from torch's fused CPU flash kernel, no
-  Lq×Lk score tensor. There is no fused path on CUDA yet, so on GPU this variant uses ``"auto"``; the ``path`` column
-  says which path actually ran (counted by wrapping the two attention ops during the first warm-up step).
+* ``ntk-fused``: ``NTKAttentionConfig(attention_backend="fused")``: (O, LSE) from a fused kernel, no Lq×Lk score
+  tensor: torch's fused CPU flash kernel on CPU; on CUDA torch's flash kernel (fp16/bf16 without a mask, as here) or
+  its memory-efficient kernel (see ``peft_ntk/kernels.py``). The ``path`` column says which path actually ran
+  (counted by wrapping the two attention ops during the first warm-up step).
 * ``ntk-reference``: ``attention_backend="reference"``, the plain-torch reference op (materialises the scores).
 * ``ntk-official``: the paper's formula written literally (:func:`peft_ntk.ops.naive_ntk_attention`, materialised,
   float32), swapped in for the reference op with ``unittest.mock.patch.object`` inside this benchmark only.
@@ -23,6 +24,12 @@ as ``oom``.
 
 Step time: 2 warm-up steps (``--warmup``), then ``--steps`` timed steps with ``time.perf_counter`` (with
 ``torch.cuda.synchronize()`` around each step on GPU); the median is reported.
+
+Inference (``--inference``; on by default for ``--preset gpu``, off for the CPU preset, whose results stay comparable
+with earlier runs): after the training steps, in ``eval()`` mode under ``torch.no_grad()``, the median time of
+``--steps`` forward passes over the whole sequence (``infer ms``, prefill without cache) and of ``--steps`` one-token
+decode steps against a KV cache of the whole sequence (``decode ms``; the cache grows by one token per step), each
+after ``--warmup`` untimed passes. On CUDA ``infer_peak_mib`` is the peak extra memory of the prefill passes.
 
 Peak memory is the *extra* memory a training step needs on top of the built model (activations, gradients,
 temporaries), in MiB:
@@ -39,11 +46,12 @@ How to run
 ----------
     python benchmarks/bench_ntk_speed.py                      # CPU preset: 4 layers, hidden 256, L = 512 1024 2048
     python benchmarks/bench_ntk_speed.py --quick              # smoke test (~30 s): 2 layers, L = 128 256, 2 steps
-    python benchmarks/bench_ntk_speed.py --preset gpu         # ~0.85B params, bf16, cuda, L = 512 2048 8192 32768
+    python benchmarks/bench_ntk_speed.py --preset gpu         # ~0.85B params, bf16, cuda, L = 512 ... 32768
+    bash benchmarks/run_gpu.sh                                # the GPU tests, then the GPU preset
     python benchmarks/bench_ntk_speed.py --lengths 1024 4096 --steps 10 --variants base ntk-fused lora-r8
 
 It prints one table per length (variant, step ms and its ratio to base, peak MiB and its ratio to base, trainable
-parameters, attention path) and writes ``benchmarks/results/ntk_speed_<preset>.json`` (``--out``; results plus
+parameters, attention path; with ``--inference`` also infer ms and decode ms and their ratios to base) and writes ``benchmarks/results/ntk_speed_<preset>.json`` (``--out``; results plus
 torch/transformers/peft versions, device, threads and model config) and a PNG next to it (step time and peak memory
 against length, log-log) when matplotlib is installed.
 """
@@ -100,7 +108,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu": {
         "device": "cuda",
         "dtype": "bfloat16",
-        "lengths": [512, 2048, 8192, 32768],
+        "lengths": [512, 2048, 4096, 8192, 16384, 32768],
         "model": {
             "hidden_size": 2048,
             "num_hidden_layers": 16,
@@ -177,8 +185,6 @@ def _build_model(task: dict[str, Any]):
         model.enable_input_require_grads()
     elif variant.startswith("ntk-"):
         backend = {"ntk-fused": "fused", "ntk-reference": "reference", "ntk-official": "reference"}[variant]
-        if backend == "fused" and device != "cpu":
-            backend = "auto"  # no fused path off the CPU yet: "auto" falls back to the reference and says so
         model = get_peft_model(model, peft_ntk.NTKAttentionConfig(task_type="CAUSAL_LM", attention_backend=backend))
         if variant == "ntk-official":
             patches.enter_context(mock.patch.object(peft_ntk.attention, "ntk_attention", _official_ntk_attention))
@@ -308,6 +314,17 @@ def run_single(task: dict[str, Any]) -> dict[str, Any]:
                 step()
                 sync()
                 times.append((time.perf_counter() - start) * 1e3)
+            if cuda:
+                result["peak_mib"] = (torch.cuda.max_memory_allocated() - resting) / 2**20
+                result["peak_total_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            else:
+                result["peak_mib"] = (_peak_rss_kib() - resting) / 1024
+            if task.get("inference"):  # after the training peak is read, with the variant's patches still applied
+                try:
+                    result.update(_measure_inference(model, ids, task, sync))
+                except Exception as exc:  # the training numbers stand; say why inference has none
+                    kind = "oom" if _is_oom(exc) else "error"
+                    result["inference_error"] = f"{kind}: {type(exc).__name__}: {str(exc).strip()[:200]}"
 
         if task["variant"] == "ntk-official":
             calls = Counter({"naive-fp32": calls.pop("reference", 0), **calls})
@@ -315,11 +332,6 @@ def run_single(task: dict[str, Any]) -> dict[str, Any]:
         result["attention_path"] = "+".join(sorted(k for k, v in calls.items() if v)) or "-"
         result["step_ms"] = statistics.median(times)
         result["step_ms_all"] = times
-        if cuda:
-            result["peak_mib"] = (torch.cuda.max_memory_allocated() - resting) / 2**20
-            result["peak_total_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            result["peak_mib"] = (_peak_rss_kib() - resting) / 1024
     except Exception as exc:  # record and go on: one failing variant must not end the benchmark
         result["status"] = "oom" if _is_oom(exc) else "error"
         result["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
@@ -329,6 +341,52 @@ def run_single(task: dict[str, Any]) -> dict[str, Any]:
         if cuda:
             torch.cuda.empty_cache()
     return result
+
+
+def _measure_inference(model, ids, task: dict[str, Any], sync) -> dict[str, Any]:
+    """Forward-only timings (no grad, eval mode): the whole sequence without cache, then one-token decode steps."""
+    import torch
+
+    cuda = task["device"].startswith("cuda")
+    model.eval()
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        if cuda:
+            sync()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            resting = torch.cuda.memory_allocated()
+
+        def prefill() -> None:
+            model(input_ids=ids, use_cache=False)
+
+        out["infer_ms"], out["infer_ms_all"] = _median_time(prefill, task["warmup"], task["steps"], sync)
+        if cuda:
+            out["infer_peak_mib"] = (torch.cuda.max_memory_allocated() - resting) / 2**20
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+        token = ids[:, -1:]
+
+        def decode() -> None:
+            model(input_ids=token, past_key_values=cache, use_cache=True)
+
+        out["decode_ms"], out["decode_ms_all"] = _median_time(decode, task["warmup"], task["steps"], sync)
+    model.train()
+    return out
+
+
+def _median_time(fn, warmup: int, steps: int, sync) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), times
 
 
 def _run_in_subprocess(task: dict[str, Any], timeout: Optional[float]) -> dict[str, Any]:
@@ -384,20 +442,78 @@ def _fmt_ratio(value: Optional[float], base: Optional[float]) -> str:
 
 def format_table(length: int, rows: dict[str, dict[str, Any]]) -> str:
     base = rows.get("base", {})
-    base_ms = base.get("step_ms") if base.get("status") == "ok" else None
-    base_mib = base.get("peak_mib") if base.get("status") == "ok" else None
-    header = f"{'variant':<14} {'step ms':>10} {'x base':>7} {'peak MiB':>10} {'x base':>7} {'trainable':>11}  path"
+    base_ok = base.get("status") == "ok"
+    base_ms = base.get("step_ms") if base_ok else None
+    base_mib = base.get("peak_mib") if base_ok else None
+    inference = any("infer_ms" in r or "inference_error" in r for r in rows.values())
+    header = f"{'variant':<14} {'step ms':>10} {'x base':>7} {'peak MiB':>10} {'x base':>7}"
+    if inference:
+        header += f" {'infer ms':>10} {'x base':>7} {'decode ms':>10} {'x base':>7}"
+    header += f" {'trainable':>11}  path"
     lines = [f"L = {length}", header, "-" * len(header)]
+    blank_inference = f" {'':>10} {'':>7} {'':>10} {'':>7}" if inference else ""
     for variant, r in rows.items():
         params = f"{r['trainable_params']:,}" if "trainable_params" in r else "-"
         if r["status"] != "ok":
-            lines.append(f"{variant:<14} {r['status']:>10} {'':>7} {'':>10} {'':>7} {params:>11}  {r.get('error', '')}")
+            lines.append(
+                f"{variant:<14} {r['status']:>10} {'':>7} {'':>10} {'':>7}{blank_inference} {params:>11}  "
+                f"{r.get('error', '')}"
+            )
             continue
-        lines.append(
+        line = (
             f"{variant:<14} {r['step_ms']:>10.1f} {_fmt_ratio(r['step_ms'], base_ms):>7} {r['peak_mib']:>10.1f} "
-            f"{_fmt_ratio(r['peak_mib'], base_mib):>7} {params:>11}  {r['attention_path']}"
+            f"{_fmt_ratio(r['peak_mib'], base_mib):>7}"
         )
+        if inference and "infer_ms" in r:
+            line += (
+                f" {r['infer_ms']:>10.2f} {_fmt_ratio(r['infer_ms'], base.get('infer_ms')):>7}"
+                f" {r['decode_ms']:>10.2f} {_fmt_ratio(r['decode_ms'], base.get('decode_ms')):>7}"
+            )
+        elif inference:
+            line += f" {'-':>10} {'':>7} {'-':>10} {'':>7}"
+        line += f" {params:>11}  {r['attention_path']}"
+        if "inference_error" in r:
+            line += f"  (inference {r['inference_error'][:80]})"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def summarize(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The issue's targets, read off the results: ntk-fused against base and LoRA, and its memory growth."""
+    fused, base, lora = results.get("ntk-fused", {}), results.get("base", {}), results.get("lora-r8", {})
+
+    def ratios(key: str, peer: dict[str, dict[str, Any]]) -> dict[str, float]:
+        out = {}
+        for length, r in fused.items():
+            other = peer.get(length, {})
+            if r.get("status") == "ok" and other.get("status") == "ok" and r.get(key) and other.get(key):
+                out[length] = r[key] / other[key]
+        return out
+
+    summary: dict[str, Any] = {
+        "fused_step_vs_base": ratios("step_ms", base),
+        "fused_step_vs_lora_r8": ratios("step_ms", lora),
+        "fused_infer_vs_base": ratios("infer_ms", base),
+        "fused_decode_vs_base": ratios("decode_ms", base),
+    }
+    ok = sorted((int(L), r["peak_mib"]) for L, r in fused.items() if r.get("status") == "ok" and r.get("peak_mib"))
+    # peak(L2) / peak(L1) divided by L2 / L1: about 1 for linear growth, about L2 / L1 for quadratic.
+    summary["fused_memory_growth_per_length"] = {
+        f"{a}->{b}": (pb / pa) / (b / a) for (a, pa), (b, pb) in zip(ok, ok[1:]) if pa > 0
+    }
+    labels = {
+        "fused_step_vs_base": "ntk-fused train step / base",
+        "fused_step_vs_lora_r8": "ntk-fused train step / lora-r8",
+        "fused_infer_vs_base": "ntk-fused prefill (no grad) / base",
+        "fused_decode_vs_base": "ntk-fused decode step / base",
+        "fused_memory_growth_per_length": "ntk-fused peak-memory growth / length growth (1 = linear)",
+    }
+    summary["lines"] = [
+        f"{labels[key]}: " + ", ".join(f"{L}: {v:.3f}" for L, v in values.items())
+        for key, values in summary.items()
+        if values and key in labels
+    ]
+    return summary
 
 
 def plot(report: dict[str, Any], path: Path) -> Optional[Path]:
@@ -410,7 +526,8 @@ def plot(report: dict[str, Any], path: Path) -> Optional[Path]:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    inference = report.get("inference", False)
+    fig, axes = plt.subplots(1, 3 if inference else 2, figsize=(18 if inference else 12, 4.5))
     for variant, by_length in report["results"].items():
         ok = [(int(L), r) for L, r in by_length.items() if r["status"] == "ok"]
         if not ok:
@@ -418,8 +535,12 @@ def plot(report: dict[str, Any], path: Path) -> Optional[Path]:
         lengths = [L for L, _ in ok]
         axes[0].plot(lengths, [r["step_ms"] for _, r in ok], marker="o", label=variant)
         axes[1].plot(lengths, [max(r["peak_mib"], 1e-3) for _, r in ok], marker="o", label=variant)
+        if inference:
+            timed = [(L, r["infer_ms"]) for L, r in ok if "infer_ms" in r]
+            axes[2].plot([L for L, _ in timed], [t for _, t in timed], marker="o", label=variant)
     env = report["environment"]
-    for ax, ylabel in zip(axes, ("train step (fwd+bwd), ms", "peak extra memory, MiB")):
+    ylabels = ("train step (fwd+bwd), ms", "peak extra memory, MiB", "prefill forward (no grad), ms")
+    for ax, ylabel in zip(axes, ylabels):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(report["lengths"], [str(L) for L in report["lengths"]])
@@ -445,6 +566,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="default: all")
     parser.add_argument("--steps", type=int, help="timed steps per measurement, median reported (default 5; quick 2)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument(
+        "--inference",
+        action=argparse.BooleanOptionalAction,
+        help="also time forward-only passes (prefill and one-token decode); default: on for --preset gpu, off for cpu",
+    )
     parser.add_argument("--layers", type=int, help="override the preset's number of layers")
     parser.add_argument("--threads", type=int, help="torch threads (default: every core this process may use)")
     parser.add_argument(
@@ -491,6 +617,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     jobs = max(1, args.jobs or (min(2, threads) if args.quick else 1)) if device == "cpu" else 1
     out = args.out or RESULTS_DIR / f"ntk_speed_{preset_name}.json"
 
+    inference = args.inference if args.inference is not None else device != "cpu"
     task_base = {
         "device": device,
         "dtype": preset["dtype"],
@@ -498,6 +625,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "steps": steps,
         "warmup": args.warmup,
         "threads": max(1, threads // jobs),
+        "inference": inference,
     }
     tasks = [{**task_base, "variant": v, "length": L} for L in lengths for v in variants]
     print(
@@ -530,8 +658,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for L, r in results.get("ntk-fused", {}).items():
         if r["status"] == "ok" and results["base"][L]["status"] == "ok":
             ratios[L] = r["step_ms"] / results["base"][L]["step_ms"]
-    if ratios:
-        print("\nntk-fused step time / base: " + ", ".join(f"L={L}: {r:.2f}x" for L, r in ratios.items()))
+    summary = summarize(results)
+    if summary["lines"]:
+        print("\n" + "\n".join(summary["lines"]))
 
     report = {
         "description": "forward+backward training step (batch 1, no optimizer step) of a random Llama model",
@@ -550,6 +679,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "warmup": args.warmup,
         "elapsed_s": elapsed,
         "ntk_fused_step_ratio_to_base": ratios,
+        "inference": inference,
+        "summary": {k: v for k, v in summary.items() if k != "lines"},
         "results": results,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

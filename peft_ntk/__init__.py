@@ -10,8 +10,13 @@ attention implementations with transformers. Both registrations are idempotent.
 
 from .attention import ntk_attention_forward, register_attention_functions
 from .config import NTKAttentionConfig
+from .convert import convert_prefix_tuning
+from .feature_maps import PositiveRandomFeatures
+from .hub import disable_hub_integration, enable_hub_integration, push_adapter_to_hub
+from .init_from_text import init_from_text
 from .layer import NTKAttentionLayer
 from .model import NTKAttentionModel, find_attention_modules
+from .model_card import NTKModelCardCallback, record_training_settings
 from .ops import (
     FEATURE_MAPS,
     elu_feature_map,
@@ -35,6 +40,7 @@ __version__ = "0.1.0"
 
 register_with_peft()
 register_attention_functions()
+enable_hub_integration()  # push_to_hub with an NTK model card, NTK cards on every save, clearer Hub load errors
 
 __all__ = [
     "FEATURE_MAPS",
@@ -42,17 +48,25 @@ __all__ = [
     "NTKAttentionConfig",
     "NTKAttentionLayer",
     "NTKAttentionModel",
+    "PositiveRandomFeatures",
+    "NTKModelCardCallback",
     "atomic_save_pretrained",
     "atomic_save_scope",
+    "convert_prefix_tuning",
     "disable_atomic_save",
+    "disable_hub_integration",
     "elu_feature_map",
     "enable_atomic_save",
+    "enable_hub_integration",
     "find_attention_modules",
+    "init_from_text",
     "naive_ntk_attention",
     "ntk_attention",
     "ntk_attention_forward",
     "ntk_combine",
     "prefix_state_from_keys_values",
+    "push_adapter_to_hub",
+    "record_training_settings",
     "recover_interrupted_save",
     "register_feature_map",
     "softmax_attention_with_lse",

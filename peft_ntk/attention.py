@@ -11,8 +11,10 @@ mask that implementation expects, so those calls are bit-for-bit what the base m
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import torch
@@ -21,7 +23,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask,
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
-from .kernels import fused_ntk_attention, fused_path_unavailable_reason
+from .kernels import auto_uses_fused_path, fused_ntk_attention, fused_path_unavailable_reason
 from .layer import running_layer_for
 from .ops import ntk_attention
 
@@ -31,6 +33,28 @@ logger = logging.get_logger(__name__)
 NTK_IMPLEMENTATIONS = {"sdpa": "ntk_sdpa", "eager": "ntk_eager"}
 BASE_IMPLEMENTATIONS = {ntk: base for base, ntk in NTK_IMPLEMENTATIONS.items()}
 _MASK_BUILDERS = {"ntk_sdpa": sdpa_mask, "ntk_eager": eager_mask}
+
+
+# Called as fn(module, query, key, value, scaling) for every attention call that reaches ntk_attention_forward while set
+# (peft_ntk.init_from_text records post-RoPE keys and values this way).
+_ATTENTION_CAPTURE: contextvars.ContextVar[Optional[Callable[..., None]]] = contextvars.ContextVar(
+    "peft_ntk_attention_capture", default=None
+)
+
+
+@contextlib.contextmanager
+def capture_attention_inputs(callback: Callable[..., None]) -> Iterator[None]:
+    """Call ``callback(module, query, key, value, scaling)`` for every attention call of NTK-routed models inside.
+
+    ``module`` is the base attention module (wrap it with :func:`peft_ntk.layer.running_layer_for` to get its NTK
+    layer, if any); query (B, H, Lq, d) and key/value (B, Hkv, Lk, d) are what transformers hands the attention
+    function: after rotary embeddings, keys including any cache. ``scaling`` is the score scale (None: ``d ** -0.5``).
+    """
+    token = _ATTENTION_CAPTURE.set(callback)
+    try:
+        yield
+    finally:
+        _ATTENTION_CAPTURE.reset(token)
 
 
 def _module_eager_attention(module: nn.Module) -> Callable[..., Any]:
@@ -89,12 +113,13 @@ def _unsupported_kwargs(kwargs: dict) -> Optional[str]:
     return None
 
 
-def _use_fused_path(backend: str, query: torch.Tensor, dropout: float, want_weights: bool) -> bool:
+def _use_fused_path(backend: str, query: torch.Tensor, dropout: float, want_weights: bool, mask=None) -> bool:
     if backend == "reference":
         return False
-    reason = fused_path_unavailable_reason(query, dropout, want_weights)
+    reason = fused_path_unavailable_reason(query, dropout, want_weights, attention_mask=mask)
     if reason is None:
-        return True
+        # "auto" on CUDA keeps the reference until the fused CUDA path is validated there (says so once, at info).
+        return backend == "fused" or auto_uses_fused_path(query)
     if backend == "fused":
         raise ValueError(
             f"attention_backend='fused' cannot serve this call: {reason}. Use attention_backend='auto' to fall back "
@@ -117,6 +142,9 @@ def ntk_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """transformers attention interface: (B,H,Lq,d) query and (B,Hkv,Lk,d) key/value in, (B,Lq,H,dv) out."""
+    capture = _ATTENTION_CAPTURE.get()
+    if capture is not None:
+        capture(module, query, key, value, scaling)
     layer = running_layer_for(module)
     state = layer.prefix_state() if layer is not None else None
     if state is None:
@@ -162,7 +190,7 @@ def ntk_attention_forward(
         feature_map=state.feature_map,
         feature_dropout=feature_dropout,
     )
-    if _use_fused_path(state.attention_backend, query, dropout, want_weights):
+    if _use_fused_path(state.attention_backend, query, dropout, want_weights, mask):
         return fused_ntk_attention(*args, **options).transpose(1, 2).contiguous(), None
     result = ntk_attention(*args, **options, dropout=dropout, return_weights=want_weights)
     out, weights = result if want_weights else (result, None)

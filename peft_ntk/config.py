@@ -10,7 +10,7 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from .ops import FEATURE_MAPS
+from .feature_maps import FEATURE_MAPS, RANDOM_FEATURE_MAPS, is_known_feature_map
 
 INIT_CHOICES = ("small_random", "zeros", "random")
 # PEFT's adapter weight files (peft.utils.constants SAFETENSORS_WEIGHTS_NAME / WEIGHTS_NAME).
@@ -23,9 +23,10 @@ ATTENTION_BACKENDS = ("auto", "fused", "reference")
 class NTKAttentionConfig(PeftConfig):
     """Configuration of an NTK-Attention adapter ("Toward Infinite-Long Prefix in Transformer").
 
-    Each adapted attention module gets, per query head, a trainable ``Z`` (d×d) and ``k`` (d) that stand in for an
-    infinitely long prefix. The adapter is added through transformers' attention interface, so every model whose
-    attention goes through ``ALL_ATTENTION_FUNCTIONS`` is supported.
+    Each adapted attention module gets, per query head, a trainable ``Z`` (r×d) and ``k`` (r) that stand in for an
+    infinitely long prefix; r is the feature map's dimension (r = d for the default 'elu', ``feature_dim`` for
+    'favor'). The adapter is added through transformers' attention interface, so every model whose attention goes
+    through ``ALL_ATTENTION_FUNCTIONS`` is supported.
 
     Example::
 
@@ -69,7 +70,27 @@ class NTKAttentionConfig(PeftConfig):
         default="elu",
         metadata={
             "help": "Feature map phi applied to the post-RoPE query: 'elu' (the paper's elu(x/d^(1/4)) + 1), 'relu', "
-            "or a name registered with peft_ntk.register_feature_map."
+            "'favor' (Performer's positive random features, an unbiased estimate of exp(q·k/√d), with feature_dim "
+            "random features), or a name registered with peft_ntk.register_feature_map."
+        },
+    )
+    feature_dim: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Feature dimension r of phi (Z is r x head_dim, k has r entries per head). Default: the map's own "
+            "(r = head_dim for 'elu'/'relu', whose r is fixed; r = head_dim for 'favor'). For 'favor' larger r "
+            "approximates exp(q·k/√d) better (error ~ 1/√r) at r·(head_dim+1) parameters per head."
+        },
+    )
+    orthogonal_features: bool = field(
+        default=True,
+        metadata={"help": "'favor' only: draw the random projection in orthogonal blocks (FAVOR+), else i.i.d."},
+    )
+    feature_seed: int = field(
+        default=0,
+        metadata={
+            "help": "'favor' only: seed of the random projection drawn when the adapter is created. The projection is "
+            "saved with the adapter (ntk_projection) and the saved tensor, not the seed, is used on loading."
         },
     )
     init_weights: Union[bool, str] = field(
@@ -114,11 +135,22 @@ class NTKAttentionConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        if not isinstance(self.feature_map, str) or self.feature_map not in FEATURE_MAPS:
+        if not is_known_feature_map(self.feature_map):
             raise ValueError(
                 f"feature_map={self.feature_map!r} is not registered; choose one of {sorted(FEATURE_MAPS)} or register "
-                "yours first with peft_ntk.register_feature_map(name, fn)."
+                f"yours first with peft_ntk.register_feature_map(name, fn); random-feature maps: {RANDOM_FEATURE_MAPS}."
             )
+        if self.feature_dim is not None:
+            if not isinstance(self.feature_dim, int) or isinstance(self.feature_dim, bool) or self.feature_dim < 1:
+                raise ValueError(f"feature_dim must be a positive integer or None, got {self.feature_dim!r}.")
+            if self.feature_map not in RANDOM_FEATURE_MAPS:
+                raise ValueError(
+                    f"feature_dim={self.feature_dim} needs a map with a free feature dimension such as 'favor'; "
+                    f"{self.feature_map!r} fixes r itself (r = head_dim for 'elu'). Leave feature_dim=None or set "
+                    "feature_map='favor'."
+                )
+        if not isinstance(self.feature_seed, int) or isinstance(self.feature_seed, bool):
+            raise ValueError(f"feature_seed must be an integer, got {self.feature_seed!r}.")
         if not (isinstance(self.init_weights, bool) or self.init_weights in INIT_CHOICES):
             raise ValueError(
                 f"init_weights={self.init_weights!r} is not supported; use one of {INIT_CHOICES}, True (= 'zeros') or "

@@ -5,14 +5,21 @@ from __future__ import annotations
 import contextvars
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import NTKAttentionConfig
-from .ops import get_feature_map
+from .feature_maps import (
+    RANDOM_FEATURE_MAPS,
+    FeatureMap,
+    PositiveRandomFeatures,
+    draw_random_projection,
+    feature_dim_of,
+)
 
 # The attention function receives the *base* attention module. While an NTK layer runs its base module, this
 # variable holds (base module, NTK layer) so the function can find the adapter without a back-reference on the base
@@ -65,7 +72,7 @@ class PrefixState:
 
     z: torch.Tensor  # (H, r, dv)
     k: torch.Tensor  # (H, r), non-negative
-    feature_map: str
+    feature_map: Union[str, FeatureMap]  # a registered name, or a PositiveRandomFeatures on the adapter's projection
     feature_dropout: float
     attention_backend: str
 
@@ -105,7 +112,8 @@ class NTKAttentionLayer(nn.Module, BaseTunerLayer):
     """
 
     adapter_layer_names = ("ntk_z", "ntk_k")
-    other_param_names = ("ntk_feature_map", "ntk_feature_dropout", "ntk_attention_backend")
+    # ntk_projection: the random projection of 'favor' adapters, a non-trainable buffer saved with the adapter.
+    other_param_names = ("ntk_projection", "ntk_feature_map", "ntk_feature_dropout", "ntk_attention_backend")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: NTKAttentionConfig) -> None:
         super().__init__()
@@ -114,6 +122,7 @@ class NTKAttentionLayer(nn.Module, BaseTunerLayer):
         self.ntk_z = nn.ParameterDict({})
         # Raw parameter; the effective k is |ntk_k| (see _AbsWithUnitSubgradient).
         self.ntk_k = nn.ParameterDict({})
+        self.ntk_projection = BufferDict({}, persistent=True)
         self.ntk_feature_map: dict[str, str] = {}
         self.ntk_feature_dropout: dict[str, float] = {}
         self.ntk_attention_backend: dict[str, str] = {}
@@ -132,7 +141,15 @@ class NTKAttentionLayer(nn.Module, BaseTunerLayer):
             return getattr(self.base_layer, name)
 
     def update_layer(self, adapter_name: str, config: NTKAttentionConfig) -> None:
-        feature_dim = get_feature_map(config.feature_map)(torch.zeros(1, self.head_dim)).shape[-1]
+        if config.feature_map in RANDOM_FEATURE_MAPS:
+            feature_dim = config.feature_dim or self.head_dim
+            self.ntk_projection[adapter_name] = draw_random_projection(
+                feature_dim, self.head_dim, orthogonal=config.orthogonal_features, seed=config.feature_seed
+            )
+        else:
+            feature_dim = feature_dim_of(config.feature_map, self.head_dim)
+            if adapter_name in self.ntk_projection:
+                del self.ntk_projection[adapter_name]
         self.ntk_z[adapter_name] = nn.Parameter(torch.zeros(self.num_heads, feature_dim, self.head_dim))
         self.ntk_k[adapter_name] = nn.Parameter(torch.zeros(self.num_heads, feature_dim))
         self.ntk_feature_map[adapter_name] = config.feature_map
@@ -179,11 +196,27 @@ class NTKAttentionLayer(nn.Module, BaseTunerLayer):
                 f"active NTK adapters {names} use different feature maps {sorted(feature_maps)}; their prefixes cannot "
                 "be combined. Activate one of them with set_adapter(name)."
             )
+        feature_map = feature_maps.pop()
+        if feature_map in RANDOM_FEATURE_MAPS:
+            projections = [self.ntk_projection[name] for name in names]
+            if any(not torch.equal(p, projections[0]) for p in projections[1:]):
+                raise ValueError(
+                    f"active NTK adapters {names} use different random projections (ntk_projection); their prefixes "
+                    "cannot be combined. Activate one of them with set_adapter(name)."
+                )
+            feature_map = PositiveRandomFeatures(projections[0])
         z = sum(self.ntk_z[name] for name in names)
         k = sum(nonnegative(self.ntk_k[name]) for name in names)
         dropout = max(self.ntk_feature_dropout[name] for name in names)
         backend = self.ntk_attention_backend[names[0]]
-        return PrefixState(z=z, k=k, feature_map=feature_maps.pop(), feature_dropout=dropout, attention_backend=backend)
+        return PrefixState(z=z, k=k, feature_map=feature_map, feature_dropout=dropout, attention_backend=backend)
+
+    def adapter_feature_map(self, adapter_name: str) -> Union[str, FeatureMap]:
+        """The feature map of one adapter: its registered name, or a PositiveRandomFeatures on its projection."""
+        name = self.ntk_feature_map[adapter_name]
+        if name in RANDOM_FEATURE_MAPS:
+            return PositiveRandomFeatures(self.ntk_projection[adapter_name])
+        return name
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         raise ValueError(MERGE_ERROR)

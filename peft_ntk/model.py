@@ -298,6 +298,7 @@ class NTKAttentionModel(BaseTuner):
                 raise ValueError(
                     f"the NTK adapter does not fit this model: {key} has shape {tuple(tensor.shape)} in the adapter "
                     f"but {tuple(own[key].shape)} here. The adapter was trained on a base model with a different number of "
-                    "attention heads or head size; load it on that model."
+                    "attention heads or head size (or its adapter_config.json gives another feature_dim than its "
+                    "weights); load it on that model, with the adapter_config.json saved next to its weights."
                 )
         return remapped

@@ -14,51 +14,22 @@ of the scores, so raw logits are never exponentiated (see :func:`ntk_combine`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
-FeatureMap = Callable[[torch.Tensor], torch.Tensor]
-
-
-def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
-    """The paper's feature map ``phi(x) = elu(x / d^(1/4)) + 1`` (Katharopoulos et al. 2020); always > 0."""
-    return F.elu(x * x.shape[-1] ** -0.25) + 1.0
-
-
-def relu_feature_map(x: torch.Tensor) -> torch.Tensor:
-    """``phi(x) = relu(x / d^(1/4))``: non-negative but can be exactly 0, so the prefix may drop out for a query."""
-    return F.relu(x * x.shape[-1] ** -0.25)
-
-
-FEATURE_MAPS: dict[str, FeatureMap] = {"elu": elu_feature_map, "relu": relu_feature_map}
-
-
-def register_feature_map(name: str, fn: FeatureMap, *, overwrite: bool = False) -> None:
-    """Make ``fn`` available as ``NTKAttentionConfig(feature_map=name)``.
-
-    ``fn`` maps the query's last dimension ``d`` to ``d`` non-negative features. Adapters store the name only, so
-    register the same function before loading an adapter that uses it.
-    """
-    if not callable(fn):
-        raise TypeError(f"feature map {name!r} must be callable, got {type(fn).__name__}")
-    if name in FEATURE_MAPS and FEATURE_MAPS[name] is not fn and not overwrite:
-        raise ValueError(f"a feature map named {name!r} is already registered; pass overwrite=True to replace it")
-    FEATURE_MAPS[name] = fn
-
-
-def get_feature_map(feature_map: Union[str, FeatureMap]) -> FeatureMap:
-    if callable(feature_map):
-        return feature_map
-    try:
-        return FEATURE_MAPS[feature_map]
-    except KeyError:
-        raise ValueError(
-            f"unknown feature map {feature_map!r}; registered: {sorted(FEATURE_MAPS)}. "
-            "Add your own with peft_ntk.register_feature_map(name, fn)."
-        ) from None
+from .feature_maps import (  # noqa: F401  (re-exported: the feature maps used to live here)
+    FEATURE_MAPS,
+    RANDOM_FEATURE_MAPS,
+    FeatureMap,
+    PositiveRandomFeatures,
+    elu_feature_map,
+    feature_map_and_log_scale,
+    get_feature_map,
+    register_feature_map,
+    relu_feature_map,
+)
 
 
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -209,6 +180,38 @@ def ntk_combine(
     return out, t / denominator
 
 
+def ntk_prefix_combine(
+    attn_out: torch.Tensor,
+    lse: torch.Tensor,
+    query: torch.Tensor,
+    z: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    feature_map: Union[str, FeatureMap] = "elu",
+    feature_dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply the feature map to ``query`` and add the prefix ``(z, k)`` to ``(attn_out, lse)`` with :func:`ntk_combine`.
+
+    This is the one place where phi meets Z and k, for every attention kernel that yields (O, LSE). A map with a
+    ``stabilized`` form returns ``phi(q) = e^c · phi_tilde(q)``; the factor ``e^c`` multiplies the whole prefix term,
+    which is the same as dividing ``S = e^LSE`` by it, so the combine runs on ``phi_tilde`` and ``LSE − c`` and never
+    forms ``e^c`` (exponential features of large queries would overflow or vanish).
+
+    Args:
+        attn_out: (B, H, L, dv), lse: (B, H, L) as for :func:`ntk_combine`; query: (B, H, L, d) post-RoPE queries.
+        z, k: (H, r, dv), (H, r) prefix state (``k`` non-negative).
+
+    Returns:
+        ``(out, real_mass)`` as :func:`ntk_combine`, in the dtype of ``attn_out``.
+    """
+    phi, log_scale = feature_map_and_log_scale(feature_map, query.to(attn_out.dtype))
+    if feature_dropout > 0.0:
+        phi = F.dropout(phi, p=feature_dropout)
+    if log_scale is not None:
+        lse = lse - log_scale.to(lse.dtype)
+    return ntk_combine(attn_out, lse, phi, z.to(attn_out.dtype), k.to(attn_out.dtype))
+
+
 def ntk_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -263,10 +266,9 @@ def ntk_attention(
     if z is None:
         out, weights = attn_out, probs
     else:
-        phi = get_feature_map(feature_map)(query)
-        if feature_dropout > 0.0:
-            phi = F.dropout(phi, p=feature_dropout)
-        out, real_mass = ntk_combine(attn_out, lse, phi, z.to(dtype), k.to(dtype))
+        out, real_mass = ntk_prefix_combine(
+            attn_out, lse, query, z, k, feature_map=feature_map, feature_dropout=feature_dropout
+        )
         weights = probs * real_mass.unsqueeze(-1)
     out = out.to(out_dtype)
     if return_weights:
@@ -303,9 +305,98 @@ def naive_ntk_attention(
     return numerator / denominator
 
 
+class PrefixStateAccumulator:
+    """Streaming ``Z = Σ_p phi(k_p) v_pᵀ`` and ``k = Σ_p phi(k_p)`` over chunks of prefix keys and values.
+
+    Adding the chunks of a prefix one by one gives the same ``(Z, k)`` as one pass over the whole prefix (up to float64
+    rounding), with memory independent of the prefix length. Sums are kept in float64. For maps with a ``stabilized``
+    form (exponential features) each head keeps one running log-scale ``c_h`` shared by *all* its keys, so
+    ``Z_h = e^{c_h} Σ_p phi_tilde(k_p) v_pᵀ`` stays exact: a per-key scale would not cancel in the sum. When a chunk
+    raises ``c_h`` the sums so far are rescaled, as in online softmax.
+
+    Example::
+
+        >>> import torch
+        >>> from peft_ntk.ops import PrefixStateAccumulator, prefix_state_from_keys_values
+        >>> keys, values = torch.randn(2, 10, 4, dtype=torch.float64), torch.randn(2, 10, 4, dtype=torch.float64)
+        >>> acc = PrefixStateAccumulator("elu")
+        >>> acc.add(keys[:, :6], values[:, :6]); acc.add(keys[:, 6:], values[:, 6:])
+        >>> z, k = acc.state()
+        >>> torch.allclose(z, prefix_state_from_keys_values(keys, values)[0])
+        True
+    """
+
+    def __init__(self, feature_map: Union[str, FeatureMap] = "elu") -> None:
+        self.feature_map = feature_map
+        self.z: Optional[torch.Tensor] = None  # (H, r, dv) float64, in units of e^{log_scale}
+        self.k: Optional[torch.Tensor] = None  # (H, r)
+        self.log_scale: Optional[torch.Tensor] = None  # (H,) or None for plain maps
+        self.count = 0
+
+    @torch.no_grad()
+    def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Add prefix rows: ``keys`` (H, m, d) and ``values`` (H, m, dv); a leading batch dim is summed over too."""
+        if keys.dim() == 4:
+            keys, values = keys.transpose(0, 1).flatten(1, 2), values.transpose(0, 1).flatten(1, 2)
+        if keys.dim() != 3 or values.dim() != 3 or keys.shape[:2] != values.shape[:2]:
+            raise ValueError(
+                f"prefix keys (H, m, d) and values (H, m, dv) must agree in heads and length; got {tuple(keys.shape)} "
+                f"and {tuple(values.shape)}"
+            )
+        keys, values = keys.to(torch.float64), values.to(torch.float64)
+        phi, log_scale = feature_map_and_log_scale(self.feature_map, keys)
+        if log_scale is not None:
+            chunk_scale = log_scale.amax(dim=1)  # (H,): one scale for all keys of a head
+            phi = phi * torch.exp(log_scale - chunk_scale[:, None])[..., None]
+        z = torch.einsum("hmr,hmd->hrd", phi, values)
+        k = phi.sum(dim=1)
+        self.count += keys.shape[1]
+        if self.z is None:
+            self.z, self.k, self.log_scale = z, k, (chunk_scale if log_scale is not None else None)
+            return
+        if (self.log_scale is None) != (log_scale is None) or self.z.shape != z.shape:
+            raise ValueError(
+                f"this chunk gives a prefix state of shape {tuple(z.shape)}, earlier chunks {tuple(self.z.shape)}"
+            )
+        if log_scale is not None:
+            new_scale = torch.maximum(self.log_scale, chunk_scale)
+            old_factor, new_factor = torch.exp(self.log_scale - new_scale), torch.exp(chunk_scale - new_scale)
+            self.z = self.z * old_factor[:, None, None] + z * new_factor[:, None, None]
+            self.k = self.k * old_factor[:, None] + k * new_factor[:, None]
+            self.log_scale = new_scale
+        else:
+            self.z, self.k = self.z + z, self.k + k
+
+    def state(self, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Z (H, r, dv), k (H, r))`` at their true scale, as float64 unless ``dtype`` is given."""
+        if self.z is None:
+            raise ValueError("no prefix rows were added")
+        z, k = self.z, self.k
+        if self.log_scale is not None:
+            factor = torch.exp(self.log_scale)
+            z, k = z * factor[:, None, None], k * factor[:, None]
+        if dtype is not None:
+            z, k = z.to(dtype), k.to(dtype)
+        if not (torch.isfinite(z).all() and torch.isfinite(k).all()):
+            raise ValueError(
+                "the prefix state overflows (Z or k is not finite): the features of these keys are too large for "
+                f"{dtype or torch.float64}. Use fewer or smaller keys, or a bounded feature map such as 'elu'."
+            )
+        return z, k
+
+
 def prefix_state_from_keys_values(
     prefix_keys: torch.Tensor, prefix_values: torch.Tensor, feature_map: Union[str, FeatureMap] = "elu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Collapse an explicit prefix (H, m, d) / (H, m, dv) to ``Z = Σ phi(k_p) v_pᵀ`` (H, r, dv) and ``k = Σ phi(k_p)``."""
-    phi = get_feature_map(feature_map)(prefix_keys)
-    return torch.einsum("hmr,hmd->hrd", phi, prefix_values), phi.sum(dim=1)
+    """Collapse an explicit prefix (H, m, d) / (H, m, dv) to ``Z = Σ phi(k_p) v_pᵀ`` (H, r, dv) and ``k = Σ phi(k_p)``.
+
+    Differentiable for plain maps (computed in the keys' dtype, as before). Maps with a ``stabilized`` form are
+    accumulated in float64 with a shared per-head scale (:class:`PrefixStateAccumulator`) and cast back.
+    """
+    fn = get_feature_map(feature_map)
+    if getattr(fn, "stabilized", None) is None:
+        phi = fn(prefix_keys)
+        return torch.einsum("hmr,hmd->hrd", phi, prefix_values), phi.sum(dim=1)
+    accumulator = PrefixStateAccumulator(fn)
+    accumulator.add(prefix_keys, prefix_values)
+    return accumulator.state(dtype=prefix_keys.dtype)

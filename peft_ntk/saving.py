@@ -9,7 +9,8 @@ new weights next to the old config, or half a weights file, and the folder may s
 
 1. lets PEFT write everything into a private staging folder (``.tmp-peft-save-*``, inside the target folder, or next
    to it when the target is missing or empty, so that renames never cross file systems), with the existing
-   ``README.md`` copied in first so PEFT updates the model card as usual; then fsyncs what it wrote;
+   ``README.md`` copied in first so PEFT updates the model card as usual (and :mod:`peft_ntk.model_card` adds the
+   NTK-Attention content there: the card is part of the same atomic save); then fsyncs what it wrote;
 2. if the target folder is missing or empty, renames the staged folder onto it: one atomic rename;
 3. otherwise moves the files in, each with an atomic ``os.replace``, in an order where a config never sits next to
    weights of another save: (a) every old ``adapter_config.json`` it is about to replace is moved aside into the
@@ -61,6 +62,7 @@ from typing import Any, Optional
 from peft import PeftModel
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
+from . import model_card
 from .registration import NTK_PEFT_TYPE
 
 CONFIG_NAME = "adapter_config.json"
@@ -92,9 +94,11 @@ def enable_atomic_save(*, all_adapters: bool = False) -> None:
 
     @functools.wraps(original)
     def save_pretrained(self, save_directory, *args, **kwargs):
-        if _scope == "all" or (_scope == "ntk" and _all_selected_are_ntk(self, save_directory, args, kwargs)):
-            return _atomic_save(original, self, save_directory, args, kwargs)
-        return original(self, save_directory, *args, **kwargs)
+        arguments = _bound_arguments(self, save_directory, args, kwargs) or {}
+        with model_card.saving_adapters(arguments.get("selected_adapters")):  # the card describes what is saved
+            if _scope == "all" or (_scope == "ntk" and _all_selected_are_ntk(self, save_directory, args, kwargs)):
+                return _atomic_save(original, self, save_directory, args, kwargs)
+            return original(self, save_directory, *args, **kwargs)
 
     setattr(save_pretrained, _MARKER, True)
     save_pretrained.__wrapped__ = original

@@ -16,6 +16,7 @@ cache rows of the survivors are reordered after each scoring round.
 """
 
 from .generation import RankGenSettings, rankgen_generate  # noqa: F401
+from .hub import push_scorer_to_hub, record_scorer_training_settings  # noqa: F401
 from .patch import disable_rankgen_generate, enable_rankgen_generate, rankgen_generate_enabled  # noqa: F401
 from .scorer import RankGenConfig, RankGenScorer  # noqa: F401
 

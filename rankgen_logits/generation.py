@@ -36,6 +36,7 @@ from transformers.generation.stopping_criteria import MaxLengthCriteria, Stoppin
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
+from .kv_cache import use_growing_layers
 from .protocol import has_vector_api
 
 # A logger under the `transformers` hierarchy, so that `transformers.logging.set_verbosity_*` governs it like the
@@ -640,6 +641,8 @@ def rankgen_generate(
     model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
     next_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
     del outputs
+    # every new token is written in place instead of re-copying every row's cache per step (see kv_cache.py)
+    use_growing_layers(model_kwargs.get("cache", model_kwargs.get("past_key_values")), max_new_tokens)
 
     # first round: B·N (beam) or N (rerank) samples from each prompt's single row
     row_prompt = torch.arange(num_prompts, device=device).repeat_interleave(candidates_per_round)

@@ -25,6 +25,8 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedConfig,
 from transformers.models.t5.modeling_t5 import T5PreTrainedModel
 from transformers.utils import logging
 
+from .hub import not_cached_hint, push_scorer_to_hub, write_scorer_model_card
+
 try:  # transformers >= 5: initialisers that leave loaded weights alone
     from transformers import initialization as _init
 except ImportError:  # pragma: no cover
@@ -254,10 +256,10 @@ class RankGenScorer(T5PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, RankGenScorer):
-            _init.normal_(
-                module.projection.weight, mean=0.0, std=self.config.initializer_factor * self.config.d_model**-0.5
-            )
+        # Match the projection module itself: by the time the parent is visited, the generic Linear init has
+        # already marked the projection's weight as initialised (std 1 instead of d_model**-0.5).
+        if module is getattr(self, "projection", None):
+            _init.normal_(module.weight, mean=0.0, std=self.config.initializer_factor * self.config.d_model**-0.5)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.t5_encoder.get_input_embeddings()
@@ -415,11 +417,21 @@ class RankGenScorer(T5PreTrainedModel):
             return
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(save_directory)
+        write_scorer_model_card(self, save_directory)  # README.md: created, or updated keeping the user's text
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
             if kwargs.get("token") is not None:
                 hub_kwargs["token"] = kwargs["token"]
             self.push_to_hub(repo_id, **hub_kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> Any:
+        """Upload weights, config, tokenizer and an updated model card in one commit (``rankgen_logits.hub``).
+
+        Takes transformers' ``push_to_hub`` arguments (``private``, ``token``, ``revision``, ``create_pr``,
+        ``commit_message``, ``commit_description``, ``tags``, ``max_shard_size``); returns the ``CommitInfo``.
+        A model card already on the Hub is updated, not replaced.
+        """
+        return push_scorer_to_hub(self, repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -462,7 +474,7 @@ class RankGenScorer(T5PreTrainedModel):
                 f"Cannot find config.json in {source.name!r}"
                 + (f" (subfolder {source.subfolder!r})" if source.subfolder else "")
                 + ": expected a RankGen checkpoint folder or Hub repository"
-                + (" (offline: is it in the cache?)" if source.hub_kwargs.get("local_files_only") else "")
+                + (not_cached_hint(source.name) if source.hub_kwargs.get("local_files_only") else "")
             )
         if config_file is not None:
             with open(config_file, encoding="utf-8") as f:
@@ -491,7 +503,7 @@ class RankGenScorer(T5PreTrainedModel):
                 f"{source.name!r} has neither model.safetensors nor pytorch_model.bin (nor a sharded index of either); "
                 "a RankGen checkpoint in the "
                 "official layout (architectures ['T5EncoderWithProjection']) is expected"
-                + (" (offline: is it in the cache?)" if source.hub_kwargs.get("local_files_only") else "")
+                + (not_cached_hint(source.name) if source.hub_kwargs.get("local_files_only") else "")
             )
         state_dict = {}
         for path in weight_files:

@@ -1,4 +1,5 @@
-"""The speed/memory benchmark (benchmarks/bench_ntk_speed.py) in its --quick form."""
+"""The benchmarks in their --quick form: NTK speed/memory (bench_ntk_speed.py), RankGen decoding speed
+(bench_rankgen_loop.py) and RankGen quality (bench_rankgen_quality.py)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,108 @@ def test_quick_benchmark_measures_every_variant_and_length(tmp_path):
         assert report["results"]["ntk-reference"][str(length)]["attention_path"] == "reference"
         assert report["results"]["base"][str(length)]["trainable_params"] == 0
     assert {"torch", "transformers", "peft", "device", "threads"} <= set(report["environment"])
+
+
+def test_ntk_speed_inference_timings_and_summary(tmp_path):
+    """--inference adds prefill and decode timings (the GPU preset's default); the summary reads the issue's targets."""
+    bench = load_bench()
+    out = tmp_path / "inference.json"
+    bench.main(["--quick", "--inference", "--lengths", "64", "--variants", "base", "ntk-fused", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["inference"] is True
+    for variant in ("base", "ntk-fused"):
+        result = report["results"][variant]["64"]
+        assert result["status"] == "ok" and "inference_error" not in result, result
+        assert result["infer_ms"] > 0 and result["decode_ms"] > 0 and len(result["infer_ms_all"]) == 2, result
+    assert report["results"]["ntk-fused"]["64"]["attention_path"] == "fused"
+    assert set(report["summary"]["fused_infer_vs_base"]) == {"64"}
+    table = bench.format_table(64, {v: report["results"][v]["64"] for v in ("base", "ntk-fused")})
+    assert "infer ms" in table and "decode ms" in table
+
+
+def test_ntk_speed_summary_and_gpu_preset():
+    bench = load_bench()
+    ok = {"status": "ok"}
+    results = {
+        "base": {"1024": {**ok, "step_ms": 10.0, "infer_ms": 4.0}, "2048": {**ok, "step_ms": 20.0, "infer_ms": 8.0}},
+        "ntk-fused": {
+            "1024": {**ok, "step_ms": 10.5, "infer_ms": 4.1, "peak_mib": 100.0},
+            "2048": {**ok, "step_ms": 21.0, "infer_ms": 8.2, "peak_mib": 200.0},
+        },
+        "lora-r8": {"1024": {**ok, "step_ms": 11.0}, "2048": {"status": "oom"}},
+    }
+    summary = bench.summarize(results)
+    assert summary["fused_step_vs_base"] == {"1024": 1.05, "2048": 1.05}
+    assert summary["fused_step_vs_lora_r8"] == {"1024": 10.5 / 11.0}
+    assert summary["fused_memory_growth_per_length"] == {"1024->2048": 1.0}  # linear
+    assert summary["fused_infer_vs_base"]["2048"] == 8.2 / 8.0
+    gpu = bench.PRESETS["gpu"]
+    assert gpu["device"] == "cuda" and {4096, 32768} <= set(gpu["lengths"])
+    # The GPU preset's ntk-fused variant asks for the fused path (no silent "auto" fallback to the reference).
+    task = {
+        "variant": "ntk-fused",
+        "device": "meta",
+        "dtype": "bfloat16",
+        "model": {**gpu["model"], "num_hidden_layers": 1},
+    }
+    model, _ = bench._build_model(task)
+    assert model.peft_config["default"].attention_backend == "fused"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# RankGen: decoding speed (benchmarks/bench_rankgen_loop.py) and quality (benchmarks/bench_rankgen_quality.py)
+
+
+def _load(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_rankgen_loop_benchmark_counts_forward_calls(tmp_path):
+    """One forward per new token for nucleus, the batched B·N call, rerank and beam; the official-style loop one per
+    token per beam per prompt; scoring rounds every L tokens."""
+    bench = _load("bench_rankgen_loop")
+    out = tmp_path / "loop.json"
+    bench.main(["--quick", "--out", str(out)])
+    report = json.loads(out.read_text())
+    new_tokens, beams, samples, every = 40, bench.BEAMS, bench.SAMPLES, bench.EVERY
+    assert report["config"]["batch_sizes"] == [1, 8] and report["config"]["max_new_tokens"] == new_tokens
+    for batch in ("1", "8"):
+        r = report["results"][batch]
+        assert set(r) == set(bench.PEERS)
+        for peer in ("nucleus", "sampling-BxN", "rerank", "beam"):
+            assert r[peer]["forward_calls"] == new_tokens, (batch, peer)
+        assert r["official-style"]["forward_calls"] == int(batch) * beams * new_tokens
+        assert r["sampling-BxN"]["rows_per_forward_mean"] == int(batch) * beams * samples
+        assert r["beam"]["scorer_calls"] == new_tokens // every and r["rerank"]["scorer_calls"] == 1
+        assert r["official-style"]["scorer_calls"] == int(batch) * (new_tokens // every)
+        # the prompt is prefilled once per prompt, not once per sample
+        assert r["beam"]["tokens_fed"] < r["sampling-BxN"]["tokens_fed"]
+        assert all(t > 0 for p in r.values() for t in p["seconds_all"])
+        ratios = report["ratios"][batch]
+        assert ratios["official_over_beam_forward_calls"] == int(batch) * beams
+        assert ratios["beam_over_sampling_BxN_time"] > 0
+    if importlib.util.find_spec("matplotlib"):
+        assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_quick_rankgen_quality_benchmark(tmp_path):
+    bench = _load("bench_rankgen_quality")
+    out = tmp_path / "quality.json"
+    report = bench.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text())["results"].keys() == set(bench.METHODS)
+    results = report["results"]
+    # the scorer chooses: reranked and beam-searched continuations score higher than plain samples
+    assert results["rerank-20"]["rankgen_score"]["mean"] > results["nucleus"]["rankgen_score"]["mean"]
+    assert results["beam"]["rankgen_score"]["mean"] > results["nucleus"]["rankgen_score"]["mean"]
+    for method in bench.METHODS:
+        for key in ("mauve", "mauve_lm_features"):  # MiniLM features, and the small LM's own
+            mauve = results[method][key]
+            assert mauve is None or 0 <= mauve["mean"] <= 1
+        assert 0 <= results[method]["repetition"]["mean"] <= 1
+    for kind in ("in_document", "generated"):
+        assert 0 <= report["identification_accuracy"][kind]["accuracy"] <= 1
+    assert report["scorer"]["last_loss"] < report["scorer"]["first_loss"]
