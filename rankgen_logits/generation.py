@@ -38,6 +38,7 @@ from transformers.utils import logging
 
 from .kv_cache import use_growing_layers
 from .protocol import has_vector_api
+from .shared_prompt import shared_prompt_attention, use_shared_prompt_layers
 
 # A logger under the `transformers` hierarchy, so that `transformers.logging.set_verbosity_*` governs it like the
 # warnings that `generate` itself emits.
@@ -641,8 +642,12 @@ def rankgen_generate(
     model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
     next_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
     del outputs
-    # every new token is written in place instead of re-copying every row's cache per step (see kv_cache.py)
-    use_growing_layers(model_kwargs.get("cache", model_kwargs.get("past_key_values")), max_new_tokens)
+    # each prompt's keys/values are kept once and attended to by all its rows together (see shared_prompt.py);
+    # where that does not apply, every new token is at least written in place (see kv_cache.py)
+    decode_cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    shared = bool(use_cache) and use_shared_prompt_layers(model, decode_cache, attention_mask, max_new_tokens)
+    if not shared:
+        use_growing_layers(decode_cache, max_new_tokens)
 
     # first round: B·N (beam) or N (rerank) samples from each prompt's single row
     row_prompt = torch.arange(num_prompts, device=device).repeat_interleave(candidates_per_round)
@@ -654,7 +659,7 @@ def rankgen_generate(
     lengths = torch.zeros_like(unfinished)  # tokens each row produced before finishing (its continuation)
     step = 0
     optimize = getattr(model, "_optimize_model_for_decode", contextlib.nullcontext)
-    with optimize():
+    with optimize(), shared_prompt_attention(model, decode_cache, enabled=shared):
         while True:
             # --- sample one token for every row
             next_scores = logits_processor(input_ids, next_logits)

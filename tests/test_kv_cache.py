@@ -103,6 +103,8 @@ def test_rankgen_decoding_uses_it_and_gives_the_same_tokens(tok, monkeypatch):  
         return original_forward(*args, **kw)
 
     monkeypatch.setattr(model, "forward", recording_forward)
+    # the growing layers are the fallback of shared-prompt attention (tests/test_shared_prompt_attention.py)
+    monkeypatch.setattr(generation, "use_shared_prompt_layers", lambda *args, **kw: False)
     growing = rankgen(model, tok, WordCount(), inputs, **kwargs)
     assert seen and all(t is GrowingKVLayer for t in seen)
 
@@ -113,8 +115,9 @@ def test_rankgen_decoding_uses_it_and_gives_the_same_tokens(tok, monkeypatch):  
     assert torch.equal(growing, plain)
 
 
-def test_growing_cache_matches_greedy_generate(tok):  # noqa: F811
+def test_growing_cache_matches_greedy_generate(tok, monkeypatch):  # noqa: F811
     """With top_k=1 the samples are greedy: RankGen's rows must then equal transformers' own cached greedy decoding."""
+    monkeypatch.setattr(generation, "use_shared_prompt_layers", lambda *args, **kw: False)
     model = tiny_llama(tok)
     inputs = batch(tok)
     ours = rankgen(

@@ -1,0 +1,181 @@
+"""Shared-prompt attention (rankgen_logits/shared_prompt.py): each prompt's keys once, merged with each row's own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_generation import PROMPTS, WordCount, batch, no_specials, rankgen, tiny_llama  # noqa: F401
+from test_generation import tok as tok  # noqa: F401  (the module-scoped tokenizer fixture)
+from transformers.cache_utils import DynamicCache
+
+import rankgen_logits.generation as generation
+from rankgen_logits.shared_prompt import (
+    IMPLEMENTATION,
+    SharedPromptLayer,
+    merged_attention,
+    shared_prompt_supported,
+    use_shared_prompt_layers,
+)
+
+
+def _reference(query, prompt_keys, prompt_values, prompt_mask, row_prompt, keys, values, scale):
+    """Plain attention of every row's query over [its prompt (padding masked); its continuation (causal)]."""
+    rows, heads, q, _ = query.shape
+    groups = heads // prompt_keys.shape[1]
+    full_k = torch.cat([prompt_keys[row_prompt], keys], dim=-2).repeat_interleave(groups, dim=1)
+    full_v = torch.cat([prompt_values[row_prompt], values], dim=-2).repeat_interleave(groups, dim=1)
+    lp, c = prompt_keys.shape[-2], keys.shape[-2]
+    causal = torch.arange(c)[None, :] <= (c - q + torch.arange(q))[:, None]
+    allowed = torch.cat([prompt_mask[row_prompt][:, None, :].expand(rows, q, lp), causal.expand(rows, q, c)], dim=-1)
+    scores = (query @ full_k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    return torch.softmax(scores, dim=-1) @ full_v
+
+
+@pytest.mark.parametrize("q", [1, 3])
+@pytest.mark.parametrize("row_prompt", [[0, 0, 0, 1, 1, 1, 2, 2, 2], [0, 2, 2, 0, 2, 2, 2, 0], [1, 1, 1, 1]])
+def test_merge_equals_plain_attention_in_float64(row_prompt, q):
+    """Padding masks, grouped-query heads (4 query / 2 key-value), unequal and unordered rows per prompt (a prompt
+    with no rows included)."""
+    g = torch.Generator().manual_seed(0)
+    prompts, kv_heads, heads, lp, c, dim = 3, 2, 4, 7, 5, 8
+    row_prompt = torch.tensor(row_prompt)
+    rows = len(row_prompt)
+    pk = torch.randn(prompts, kv_heads, lp, dim, generator=g, dtype=torch.float64)
+    pv = torch.randn(prompts, kv_heads, lp, dim, generator=g, dtype=torch.float64)
+    mask = torch.ones(prompts, lp, dtype=torch.bool)
+    mask[0, :3] = False  # left padding
+    mask[2, :6] = False
+    k = torch.randn(rows, kv_heads, c, dim, generator=g, dtype=torch.float64)
+    v = torch.randn(rows, kv_heads, c, dim, generator=g, dtype=torch.float64)
+    query = torch.randn(rows, heads, q, dim, generator=g, dtype=torch.float64)
+
+    layer = SharedPromptLayer(pk, pv, mask, capacity=2)
+    layer.reorder_cache(row_prompt)
+    layer.update(k, v)  # past the capacity: reallocates
+    assert layer.get_seq_length() == lp + c
+    torch.testing.assert_close(layer.keys, k, rtol=0, atol=0)
+
+    out = merged_attention(
+        query, pk, pv, mask, layer.padded_index, layer.rows_per_prompt, layer.keys, layer.values, None, 0.3
+    )
+    expected = _reference(query, pk, pv, mask, row_prompt, k, v, 0.3)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+    # the same with an explicit (sdpa-style, rows × 1 × q × c) continuation mask
+    causal = torch.arange(c)[None, :] <= (c - q + torch.arange(q))[:, None]
+    out = merged_attention(
+        query, pk, pv, mask, layer.padded_index, layer.rows_per_prompt, k, v, causal.expand(rows, 1, q, c), 0.3
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_model_forward_matches_the_plain_cache(tok):  # noqa: F811
+    """One decode step of a real model through the shared layers equals the step through a repeated plain cache."""
+    from rankgen_logits.shared_prompt import shared_prompt_attention
+
+    model = tiny_llama(tok).to(torch.float64)
+    inputs = batch(tok)
+    index = torch.tensor([0, 0, 1, 2, 2, 2, 3])
+    outs = []
+    for shared in (False, True):
+        cache = DynamicCache()
+        out = model(**inputs, cache=cache, use_cache=True)
+        if shared:
+            assert use_shared_prompt_layers(model, cache, inputs["attention_mask"], 4)
+        cache.reorder_cache(index)
+        mask = inputs["attention_mask"][index]
+        tokens = out.logits[:, -1].argmax(-1)[index][:, None]
+        with shared_prompt_attention(model, cache, enabled=shared):
+            for _ in range(3):
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+                step = model(input_ids=tokens, attention_mask=mask, cache=cache, use_cache=True)
+                tokens = step.logits[:, -1].argmax(-1)[:, None]
+        assert model.config._attn_implementation != IMPLEMENTATION
+        outs.append(step.logits)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-10)
+
+
+def test_rankgen_uses_it_and_gives_the_same_tokens(tok, monkeypatch):  # noqa: F811
+    model = tiny_llama(tok)
+    inputs = batch(tok)
+    kwargs = {"num_beams": 2, "num_samples": 3, "rerank_every": 4, "max_new_tokens": 13, **no_specials(tok)}
+
+    seen: list[type] = []
+    implementations: list[str] = []
+    original_forward = model.forward
+
+    def recording_forward(*args, **kw):
+        cache = kw.get("past_key_values", kw.get("cache"))
+        if cache is not None and cache.get_seq_length() > 0:
+            seen.append(type(cache.layers[0]))
+            implementations.append(model.config._attn_implementation)
+        return original_forward(*args, **kw)
+
+    monkeypatch.setattr(model, "forward", recording_forward)
+    for seed in range(3):
+        seen.clear()
+        implementations.clear()
+        shared = rankgen(model, tok, WordCount(), inputs, seed=seed, **kwargs)
+        assert seen and all(t is SharedPromptLayer for t in seen)
+        assert set(implementations) == {IMPLEMENTATION}
+        assert model.config._attn_implementation == "sdpa"  # restored
+
+        with monkeypatch.context() as m:
+            m.setattr(generation, "use_shared_prompt_layers", lambda *args, **kw: False)
+            seen.clear()
+            plain = rankgen(model, tok, WordCount(), inputs, seed=seed, **kwargs)
+            assert seen and all(t is not SharedPromptLayer for t in seen)
+        assert torch.equal(shared, plain)
+
+
+def test_unequal_rows_per_prompt_when_survivors_finish(tok, monkeypatch):  # noqa: F811
+    """EOS allowed: finished survivors leave some prompts with fewer rows; the tokens still match the plain path."""
+    model = tiny_llama(tok, seed=3)
+    inputs = batch(tok)
+    kwargs = {"num_beams": 2, "num_samples": 3, "rerank_every": 3, "max_new_tokens": 20, "top_k": 4}
+    kwargs.update(suppress_tokens=[tok.pad_token_id, tok.unk_token_id])
+
+    unequal = []
+    original = SharedPromptLayer._set_rows
+
+    def recording(self, row_prompt):
+        original(self, row_prompt)
+        counts = torch.bincount(row_prompt)
+        unequal.append(bool((counts != counts.max()).any()) or len(counts) < self.prompt_keys.shape[0])
+
+    monkeypatch.setattr(SharedPromptLayer, "_set_rows", recording)
+    for seed in range(6):
+        shared = rankgen(model, tok, WordCount(), inputs, seed=seed, **kwargs)
+        with monkeypatch.context() as m:
+            m.setattr(generation, "use_shared_prompt_layers", lambda *args, **kw: False)
+            plain = rankgen(model, tok, WordCount(), inputs, seed=seed, **kwargs)
+        assert torch.equal(shared, plain)
+    assert any(unequal), "no round had unequal rows per prompt; pick other seeds"
+
+
+def test_matches_greedy_generate(tok):  # noqa: F811
+    """With top_k=1 the samples are greedy: the shared-prompt rows must equal transformers' cached greedy decoding."""
+    model = tiny_llama(tok)
+    inputs = batch(tok)
+    ours = rankgen(
+        model, tok, WordCount(), inputs, top_k=1, max_new_tokens=15, num_samples=2, rerank_every=6, **no_specials(tok)
+    )
+    greedy = model.generate(**inputs, do_sample=False, max_new_tokens=15, **no_specials(tok))
+    assert torch.equal(ours, greedy)
+
+
+def test_falls_back_outside_the_plain_case(tok):  # noqa: F811
+    model = tiny_llama(tok)
+    cache = DynamicCache()
+    model(**batch(tok), cache=cache, use_cache=True)
+    assert shared_prompt_supported(model, cache)
+    model.config._attn_implementation_internal = "flex_attention"
+    try:
+        assert not shared_prompt_supported(model, cache)
+    finally:
+        model.config._attn_implementation_internal = "sdpa"
+    model.config.sliding_window = 4
+    assert not shared_prompt_supported(model, cache)
+    model.config.sliding_window = None
+    assert not shared_prompt_supported(model, DynamicCache())
