@@ -13,6 +13,9 @@ only *propose*: it samples candidate continuations, and a separate scorer (any o
 Unlike a loop around ``generate`` (what the paper's released code does), this runs ONE model forward per new token
 for all prompts × beams × samples together, and the prompt is prefilled once: after each scoring round the KV cache
 rows of the survivors are copied (``Cache.reorder_cache``) instead of re-tokenising and re-feeding text.
+For plain decoder-only models (``sdpa``/``eager`` attention, no sliding window) each prompt's keys/values are kept once
+and all its rows attend to them together, merged exactly with each row's own continuation (``shared_prompt.py``);
+otherwise every row carries the prompt's cache, grown in place (``kv_cache.py``).
 
 Use it either directly, with no patching::
 
@@ -645,7 +648,11 @@ def rankgen_generate(
     # each prompt's keys/values are kept once and attended to by all its rows together (see shared_prompt.py);
     # where that does not apply, every new token is at least written in place (see kv_cache.py)
     decode_cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
-    shared = bool(use_cache) and use_shared_prompt_layers(model, decode_cache, attention_mask, max_new_tokens)
+    shared = (
+        bool(use_cache)
+        and fresh_cache
+        and use_shared_prompt_layers(model, decode_cache, attention_mask, max_new_tokens)
+    )
     if not shared:
         use_growing_layers(decode_cache, max_new_tokens)
 

@@ -22,6 +22,7 @@ attention); :func:`shared_prompt_supported` says when, and RankGen decoding othe
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from transformers import AttentionInterface
@@ -140,11 +141,20 @@ class SharedPromptLayer(DynamicLayer):
 
 
 def _attention_with_lse(query, key, value, allowed, scale):
-    """Plain attention returning (out, lse): ``query`` (..., M, D), ``key``/``value`` (..., K, D), ``allowed``
-    broadcastable to (..., M, K) bool or None."""
+    """Attention returning (out, lse): ``query`` (B, H, M, D), ``key``/``value`` (B, H, K, D), ``allowed``
+    broadcastable to (B, H, M, K) bool or None. On CPU, one fused flash-attention call (it returns the log-sum-exp);
+    elsewhere a plain computation."""
+    if query.device.type == "cpu" and query.dtype in (torch.float32, torch.float64):
+        bias = None
+        if allowed is not None:
+            bias = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill_(~allowed, -math.inf)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, False, attn_mask=bias, scale=scale
+        )
+        return out, lse
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale
     if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        scores = scores.masked_fill(~allowed, -math.inf)
     lse = torch.logsumexp(scores, dim=-1)
     weights = torch.exp(scores - lse.unsqueeze(-1).masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0))
     return torch.matmul(weights, value), lse
@@ -188,22 +198,19 @@ def merged_attention(
     lse1 = lse1.view(prompts, kv_heads, rows_per_prompt, groups * q).transpose(1, 2)
     lse1 = lse1.reshape(prompts * rows_per_prompt, kv_heads, groups * q)[padded_index]
 
-    # (b) every row against its own continuation
+    # (b) every row against its own continuation: (rows, kv_heads, groups · q) queries
     c = keys.shape[-2]
     if continuation_allowed is None:
         positions = torch.arange(c, device=query.device)
         allowed = positions[None, :] <= (c - q + torch.arange(q, device=query.device))[:, None]  # (q, c)
-        allowed = allowed[None, None, None]
-    else:
-        allowed = continuation_allowed
-        if allowed.shape[1] == 1:
-            allowed = allowed[:, :, None]  # (rows, 1, 1, q, c)
-        else:
-            allowed = allowed.view(rows, kv_heads, groups, q, c)
-    scores_q = qg.view(rows, kv_heads, groups, q, dim)
-    out2, lse2 = _attention_with_lse(scores_q, keys.to(work)[:, :, None], values.to(work)[:, :, None], allowed, scale)
-    out2 = out2.reshape(rows, kv_heads, groups * q, dim)
-    lse2 = lse2.reshape(rows, kv_heads, groups * q)
+        allowed = None if q == 1 else allowed.repeat(groups, 1)[None, None]
+    elif continuation_allowed.shape[1] == 1:  # (rows, 1, q, c): the same for every head
+        allowed = continuation_allowed if q == 1 else continuation_allowed.repeat(1, 1, groups, 1)
+    else:  # (rows, heads, q, c)
+        allowed = continuation_allowed.reshape(rows, kv_heads, groups * q, c)
+    if allowed is not None and bool(allowed.all()):
+        allowed = None
+    out2, lse2 = _attention_with_lse(qg, keys.to(work), values.to(work), allowed, scale)
 
     # merge exactly
     top = torch.maximum(lse1, lse2)
@@ -294,7 +301,7 @@ def use_shared_prompt_layers(model, cache, attention_mask: torch.Tensor | None, 
     length = cache.layers[0].get_seq_length()
     prompt_mask = None
     if isinstance(attention_mask, torch.Tensor):
-        if attention_mask.dim() != 2 or attention_mask.shape[-1] != length:
+        if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (cache.layers[0].keys.shape[0], length):
             return False
         prompt_mask = attention_mask.bool()
     for i, layer in enumerate(cache.layers):
