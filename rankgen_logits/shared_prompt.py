@@ -36,6 +36,7 @@ BASE_IMPLEMENTATIONS = ("sdpa", "eager")
 # position bias, no attention sinks
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
+CPU_FLASH = True  # on CPU, compute each part with the fused flash kernel (False: the plain computation used elsewhere)
 _active_caches: list = []  # the cache(s) whose SharedPromptLayers the attention function reads, innermost last
 
 
@@ -144,7 +145,7 @@ def _attention_with_lse(query, key, value, allowed, scale):
     """Attention returning (out, lse): ``query`` (B, H, M, D), ``key``/``value`` (B, H, K, D), ``allowed``
     broadcastable to (B, H, M, K) bool or None. On CPU, one fused flash-attention call (it returns the log-sum-exp);
     elsewhere a plain computation."""
-    if query.device.type == "cpu" and query.dtype in (torch.float32, torch.float64):
+    if CPU_FLASH and query.device.type == "cpu" and query.dtype in (torch.float32, torch.float64):
         bias = None
         if allowed is not None:
             bias = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill_(~allowed, -math.inf)

@@ -9,6 +9,7 @@ from test_generation import tok as tok  # noqa: F401  (the module-scoped tokeniz
 from transformers.cache_utils import DynamicCache
 
 import rankgen_logits.generation as generation
+import rankgen_logits.shared_prompt as shared_prompt
 from rankgen_logits.shared_prompt import (
     IMPLEMENTATION,
     SharedPromptLayer,
@@ -32,11 +33,13 @@ def _reference(query, prompt_keys, prompt_values, prompt_mask, row_prompt, keys,
     return torch.softmax(scores, dim=-1) @ full_v
 
 
+@pytest.mark.parametrize("cpu_flash", [True, False])
 @pytest.mark.parametrize("q", [1, 3])
 @pytest.mark.parametrize("row_prompt", [[0, 0, 0, 1, 1, 1, 2, 2, 2], [0, 2, 2, 0, 2, 2, 2, 0], [1, 1, 1, 1]])
-def test_merge_equals_plain_attention_in_float64(row_prompt, q):
+def test_merge_equals_plain_attention_in_float64(row_prompt, q, cpu_flash, monkeypatch):
     """Padding masks, grouped-query heads (4 query / 2 key-value), unequal and unordered rows per prompt (a prompt
-    with no rows included)."""
+    with no rows included); with the fused CPU kernel and with the plain computation used on other devices."""
+    monkeypatch.setattr(shared_prompt, "CPU_FLASH", cpu_flash)
     g = torch.Generator().manual_seed(0)
     prompts, kv_heads, heads, lp, c, dim = 3, 2, 4, 7, 5, 8
     row_prompt = torch.tensor(row_prompt)
@@ -66,6 +69,10 @@ def test_merge_equals_plain_attention_in_float64(row_prompt, q):
     causal = torch.arange(c)[None, :] <= (c - q + torch.arange(q))[:, None]
     out = merged_attention(
         query, pk, pv, mask, layer.padded_index, layer.rows_per_prompt, k, v, causal.expand(rows, 1, q, c), 0.3
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    out = merged_attention(  # and a per-head one (rows × heads × q × c)
+        query, pk, pv, mask, layer.padded_index, layer.rows_per_prompt, k, v, causal.expand(rows, heads, q, c), 0.3
     )
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
