@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from test_generation import PROMPTS, WordCount, batch, no_specials, rankgen, tiny_llama  # noqa: F401
 from test_generation import tok as tok  # noqa: F401  (the module-scoped tokenizer fixture)
+from transformers import LlamaForCausalLM
 from transformers.cache_utils import DynamicCache
 
 import rankgen_logits.generation as generation
@@ -18,6 +21,8 @@ from rankgen_logits.shared_prompt import (
     use_shared_prompt_layers,
 )
 
+# transformers 5.24 names the forward's cache argument `cache`; 5.17 calls it `past_key_values`
+_CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 def _reference(query, prompt_keys, prompt_values, prompt_mask, row_prompt, keys, values, scale):
     """Plain attention of every row's query over [its prompt (padding masked); its continuation (causal)]."""
@@ -87,7 +92,7 @@ def test_model_forward_matches_the_plain_cache(tok):  # noqa: F811
     outs = []
     for shared in (False, True):
         cache = DynamicCache()
-        out = model(**inputs, cache=cache, use_cache=True)
+        out = model(**inputs, **{_CACHE: cache}, use_cache=True)
         if shared:
             assert use_shared_prompt_layers(model, cache, inputs["attention_mask"], 4)
         cache.reorder_cache(index)
@@ -96,7 +101,7 @@ def test_model_forward_matches_the_plain_cache(tok):  # noqa: F811
         with shared_prompt_attention(model, cache, enabled=shared):
             for _ in range(3):
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-                step = model(input_ids=tokens, attention_mask=mask, cache=cache, use_cache=True)
+                step = model(input_ids=tokens, attention_mask=mask, **{_CACHE: cache}, use_cache=True)
                 tokens = step.logits[:, -1].argmax(-1)[:, None]
         assert model.config._attn_implementation != IMPLEMENTATION
         outs.append(step.logits)
@@ -175,7 +180,7 @@ def test_matches_greedy_generate(tok):  # noqa: F811
 def test_falls_back_outside_the_plain_case(tok):  # noqa: F811
     model = tiny_llama(tok)
     cache = DynamicCache()
-    model(**batch(tok), cache=cache, use_cache=True)
+    model(**batch(tok), **{_CACHE: cache}, use_cache=True)
     assert shared_prompt_supported(model, cache)
     model.config._attn_implementation_internal = "flex_attention"
     try:
