@@ -30,6 +30,8 @@ from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .kv_cache import GrowingKVLayer
+
 IMPLEMENTATION = "rankgen_shared_prompt"
 BASE_IMPLEMENTATIONS = ("sdpa", "eager")
 # model families whose attention is plain scaled dot-product attention over (rotary-embedded) keys: no softcap, no
@@ -40,30 +42,24 @@ CPU_FLASH = True  # on CPU, compute each part with the fused flash kernel (False
 _active_caches: list = []  # the cache(s) whose SharedPromptLayers the attention function reads, innermost last
 
 
-class SharedPromptLayer(DynamicLayer):
+class SharedPromptLayer(GrowingKVLayer):
     """A cache layer holding each prompt's keys/values once and each row's continuation in a growing buffer.
 
     ``prompt_keys`` / ``prompt_values``: ``(prompts, kv_heads, prompt_length, head_dim)``; ``prompt_mask``:
     ``(prompts, prompt_length)`` bool (False at padding); ``row_prompt``: ``(rows,)``, the prompt of every row.
-    ``keys`` / ``values`` are views of the rows' continuations, which is what ``update`` returns; ``get_seq_length``
-    counts the prompt too, so positions and masks are those of the full sequence.
+    ``keys`` / ``values`` are views of the rows' continuations (the :class:`GrowingKVLayer` part, starting empty with
+    one row per prompt), which is what ``update`` returns; ``get_seq_length`` counts the prompt too, so positions and
+    masks are those of the full sequence.
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, prompt_mask: torch.Tensor | None, capacity: int):
-        super().__init__()
-        self.device, self.dtype = keys.device, keys.dtype
+        super().__init__(keys[..., :0, :], values[..., :0, :], capacity)
         self.prompt_keys, self.prompt_values = keys, values
         prompts, _, self.prompt_length, _ = keys.shape
         if prompt_mask is None:
             prompt_mask = torch.ones(prompts, self.prompt_length, dtype=torch.bool, device=keys.device)
         self.prompt_mask = prompt_mask.to(device=keys.device, dtype=torch.bool)
-        capacity = max(int(capacity), 1)
-        self._key_buffer = keys.new_empty(prompts, keys.shape[1], capacity, keys.shape[-1])
-        self._value_buffer = values.new_empty(prompts, values.shape[1], capacity, values.shape[-1])
-        self._length = 0
-        self.is_initialized = True
         self._set_rows(torch.arange(prompts, device=keys.device))
-        self._refresh_views()
 
     # --- rows
     def _set_rows(self, row_prompt: torch.Tensor) -> None:
@@ -78,56 +74,14 @@ class SharedPromptLayer(DynamicLayer):
         self.rows_per_prompt = max(int(counts.max()), 1) if len(row_prompt) else 1
         self.padded_index = row_prompt * self.rows_per_prompt + slot
 
-    @property
-    def capacity(self) -> int:
-        return self._key_buffer.shape[-2]
-
-    def _refresh_views(self) -> None:
-        self.keys = self._key_buffer[..., : self._length, :]
-        self.values = self._value_buffer[..., : self._length, :]
-
     def _reallocate(self, rows: torch.Tensor | None = None, capacity: int | None = None) -> None:
         if rows is not None:
             rows = rows.to(self._key_buffer.device)
             self._set_rows(self.row_prompt[rows])
-            self._key_buffer = self._key_buffer.index_select(0, rows)
-            self._value_buffer = self._value_buffer.index_select(0, rows)
-        if capacity is not None:
-            keys, values = self.keys, self.values
-            self._key_buffer = keys.new_empty(*keys.shape[:-2], capacity, keys.shape[-1])
-            self._value_buffer = values.new_empty(*values.shape[:-2], capacity, values.shape[-1])
-            self._key_buffer[..., : self._length, :] = keys
-            self._value_buffer[..., : self._length, :] = values
-        self._refresh_views()
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        raise RuntimeError("SharedPromptLayer is created from a filled layer; it is never lazily initialised.")
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        new = key_states.shape[-2]
-        if self._length + new > self.capacity:
-            self._reallocate(capacity=max(2 * self.capacity, self._length + new))
-        self._key_buffer[..., self._length : self._length + new, :] = key_states
-        self._value_buffer[..., self._length : self._length + new, :] = value_states
-        self._length += new
-        self._refresh_views()
-        return self.keys, self.values
+        super()._reallocate(rows=rows, capacity=capacity)
 
     def get_seq_length(self) -> int:
         return self.prompt_length + self._length
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._reallocate(rows=beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if not isinstance(indices, torch.Tensor):
-            indices = torch.as_tensor(indices)
-        if indices.dtype == torch.bool:
-            indices = indices.nonzero().flatten()
-        self._reallocate(rows=indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._reallocate(rows=torch.arange(len(self.row_prompt), device=self.device).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:  # the legacy form: the length to keep
