@@ -4,7 +4,9 @@ What it measures
 ----------------
 For each batch size (``--batch-sizes``, default 1 and 8 prompts), each peer generates ``--new-tokens`` tokens (60)
 with top-p 0.9 on a small Llama built from a config (nothing is downloaded) with a byte-level BPE tokenizer trained
-here on Python's ``pydoc_data.topics``. RankGen uses the paper's B=2 beams, N=10 samples, a scoring round every L=20
+here on Python's ``pydoc_data.topics`` (and, for vocabularies above 8,192, the standard library's source). The
+JSON also records how many tokens top-p keeps at the end of each prompt: a randomly initialised model is flatter
+than a trained one when it is small, which makes sampling dearer for every peer. RankGen uses the paper's B=2 beams, N=10 samples, a scoring round every L=20
 tokens; the scorer is a cheap fake (how often the letter "e" appears), so the numbers are the cost of the *decoding
 loop*, not of a scorer.
 
@@ -31,7 +33,10 @@ How to run
     python benchmarks/bench_rankgen_loop.py                      # CPU, ~2 min on 2 cores
     python benchmarks/bench_rankgen_loop.py --quick              # ~30 s (what the tests run)
     python benchmarks/bench_rankgen_loop.py --prompt-words 160 --out benchmarks/results/rankgen_loop_cpu_long.json
-    python benchmarks/bench_rankgen_loop.py --device cuda --hidden 768 --layers 12   # a GPT-2-small-sized model
+    python benchmarks/bench_rankgen_loop.py --vocab-size 32000 --hidden 256 --layers 4 --repeats 1
+    python benchmarks/bench_rankgen_loop.py --preset paper       # GPT-2-small-sized, 256-token prompts, 115 tokens
+    python benchmarks/bench_rankgen_loop.py --preset paper --prompt-tokens 512
+    python benchmarks/bench_rankgen_loop.py --device cuda --preset paper --batch-sizes 1 8 --repeats 3
 
 Writes ``benchmarks/results/rankgen_loop_{device}.json`` and ``.png``.
 """
@@ -42,6 +47,8 @@ import argparse
 import json
 import platform
 import statistics
+import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -53,6 +60,19 @@ from rankgen_logits import RankGenSettings, rankgen_generate
 ROOT = Path(__file__).resolve().parent
 BEAMS, SAMPLES, EVERY = 2, 10, 20
 PEERS = ("nucleus", "sampling-BxN", "rerank", "beam", "official-style")
+PRESETS = {
+    "paper": {
+        "hidden": 768,
+        "layers": 12,
+        "heads": 12,
+        "intermediate": 2048,  # Llama's 3 MLP matrices of 768 x 2048 ~ GPT-2's 2 of 768 x 3072
+        "vocab_size": 50257,
+        "prompt_tokens": 256,
+        "new_tokens": 115,
+        "batch_sizes": [1],
+        "repeats": 1,
+    }
+}
 # (topic index, words) of the prompts: different lengths, so left padding is exercised
 PROMPT_SPECS = ((3, 24), (20, 12), (40, 30), (60, 6), (7, 40), (33, 18), (51, 9), (70, 27))
 
@@ -76,6 +96,15 @@ def corpus() -> list[str]:
     return [topics[key].strip() for key in sorted(topics)]
 
 
+def stdlib_sources() -> list[str]:
+    """The standard library's own source, tests excluded (~12 MB): with the reference docs, enough text for a real
+    50k BPE vocabulary (the docs alone stop at ~9k tokens)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idle_test", "site-packages"}
+    paths = [path for path in sorted(root.rglob("*.py")) if not skip & set(path.relative_to(root).parts)]
+    return [path.read_text(encoding="utf-8", errors="ignore") for path in paths]
+
+
 def build_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -87,21 +116,21 @@ def build_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokeni
         special_tokens=["<pad>", "<unk>", "<eos>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    raw.train_from_iterator(texts, trainer)
+    raw.train_from_iterator(texts + (stdlib_sources() if vocab_size > 8192 else []), trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=raw, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>", padding_side="left"
     )
 
 
-def build_model(tok, hidden: int = 64, layers: int = 2) -> LlamaForCausalLM:
+def build_model(tok, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int | None = None):
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        intermediate_size=intermediate or 2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=max(heads // 2, 1),
         max_position_embeddings=1024,  # room for --prompt-words 160 (up to ~480 tokens) + new tokens, untruncated
         initializer_range=0.2,
         eos_token_id=tok.eos_token_id,
@@ -211,7 +240,7 @@ def measure(fn, model, tok, prompts, gen_kwargs, new_tokens: int, repeats: int) 
     device = model.device
     try:
         torch.manual_seed(0)
-        fn(model, tok, LetterE(), prompts, gen_kwargs, new_tokens)  # warm-up
+        fn(model, tok, LetterE(), prompts[:1], gen_kwargs, min(new_tokens, EVERY + 2))  # warm-up: every code path
         times, wall, scorer, texts = [], [], None, []
         for repeat in range(repeats):
             shapes.clear()
@@ -240,6 +269,14 @@ def measure(fn, model, tok, prompts, gen_kwargs, new_tokens: int, repeats: int) 
     }
 
 
+@torch.no_grad()
+def nucleus_sizes(model, tok, prompts, top_p: float) -> list[int]:
+    """How many tokens top-p keeps at the end of each prompt: what sampling has to sort (transformers) or find."""
+    inputs = tok(prompts, return_tensors="pt", padding=True).to(model.device)
+    probs = model(**inputs).logits[:, -1].float().softmax(-1).sort(-1, descending=True).values
+    return ((probs.cumsum(-1) - probs) < top_p).sum(-1).tolist()
+
+
 def ratios(by_peer: dict) -> dict:
     beam, sampling, official = by_peer["beam"], by_peer["sampling-BxN"], by_peer["official-style"]
     return {
@@ -252,6 +289,7 @@ def ratios(by_peer: dict) -> dict:
 
 
 def parse_args(argv):
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="40 new tokens, 1 repeat (what the tests run)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="prompts per call (at most 8)")
@@ -261,11 +299,35 @@ def parse_args(argv):
     parser.add_argument(
         "--prompt-words", type=int, default=None, help="words per prompt (default: 6 to 40, different per prompt)"
     )
+    parser.add_argument(
+        "--prompt-tokens", type=int, default=None, help="cut every prompt to exactly this many tokens (overrides words)"
+    )
     parser.add_argument("--hidden", type=int, default=64, help="model width (default 64: a tiny model)")
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4, help="attention heads (key/value heads: half as many)")
+    parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default 2 x hidden)")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=512,
+        help="BPE vocabulary trained here (above 8192 on the stdlib's source too)",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="paper: a GPT-2-small-sized Llama (768 wide, 12 layers, 50,257-token vocabulary), 256-token prompts, the "
+        "paper's 115 new tokens, batch 1 (~4 min on one CPU thread); options given explicitly win",
+    )
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/rankgen_loop_{device}.json")
     parser.add_argument("--threads", type=int, default=1, help="CPU torch threads (tiny models gain nothing from more)")
     args = parser.parse_args(argv)
+    if args.preset:
+        given = {arg.split("=")[0] for arg in argv}
+        explicit = {a.dest for a in parser._actions if given & set(a.option_strings)}
+        for key, value in PRESETS[args.preset].items():
+            if key not in explicit:
+                setattr(args, key, value)
     args.new_tokens = args.new_tokens or (40 if args.quick else 60)
     args.repeats = args.repeats or (1 if args.quick else 3)
     if args.device == "auto":
@@ -289,9 +351,14 @@ def main(argv=None) -> dict:
 def run(args) -> dict:
     device = torch.device(args.device)
     texts = corpus()
-    tok = build_tokenizer(texts)
-    model = build_model(tok, args.hidden, args.layers).to(device)
-    all_prompts = [" ".join(texts[i].split()[: args.prompt_words or n]) for i, n in PROMPT_SPECS]
+    tok = build_tokenizer(texts, args.vocab_size)
+    model = build_model(tok, args.hidden, args.layers, args.heads, args.intermediate).to(device)
+    if args.prompt_tokens:
+        # a topic followed by the next ones, so that every prompt has the length asked for
+        cut = [tok("\n\n".join(texts[i : i + 20]))["input_ids"][: args.prompt_tokens] for i, _ in PROMPT_SPECS]
+        all_prompts = tok.batch_decode(cut)
+    else:
+        all_prompts = [" ".join(texts[i].split()[: args.prompt_words or n]) for i, n in PROMPT_SPECS]
     gen_kwargs = {
         "do_sample": True,
         "top_p": 0.9,
@@ -307,6 +374,12 @@ def run(args) -> dict:
             for peer in PEERS
         }
         summary[str(batch)] = ratios(results[str(batch)])
+    prompt_lengths = [len(tok(p)["input_ids"]) for p in all_prompts[: max(args.batch_sizes)]]
+    print(
+        f"\nLlama with {sum(p.numel() for p in model.parameters()):,} parameters ({args.hidden} wide, {args.layers} "
+        f"layers, vocabulary {len(tok):,}); prompts of {min(prompt_lengths)}-{max(prompt_lengths)} tokens; top-p 0.9 "
+        f"keeps {sorted(nucleus_sizes(model, tok, all_prompts, 0.9))} tokens at the prompts' ends"
+    )
     print_table(results, summary, args, device)
     report = {
         "config": {
@@ -321,6 +394,10 @@ def run(args) -> dict:
             "repeats": args.repeats,
             "quick": args.quick,
             "prompt_words": args.prompt_words,
+            "prompt_tokens_cut": args.prompt_tokens,
+            "vocab_size": len(tok),
+            "preset": args.preset,
+            "nucleus_sizes_at_prompt_end": nucleus_sizes(model, tok, all_prompts, gen_kwargs["top_p"]),
         },
         "results": results,
         "ratios": summary,
@@ -348,8 +425,10 @@ def print_table(results, summary, args, device) -> None:
     )
     for batch, by_peer in results.items():
         print(f"\nbatch {batch}")
-        print(f"{'peer':<16}{'s/call':>9}{'s/prompt':>10}{'x beam':>8}{'forwards':>10}{'x beam':>8}{'rows/fwd':>10}"
-              f"{'tokens fed':>12}{'scorer calls':>14}")
+        print(
+            f"{'peer':<16}{'s/call':>9}{'s/prompt':>10}{'x beam':>8}{'forwards':>10}{'x beam':>8}{'rows/fwd':>10}"
+            f"{'tokens fed':>12}{'scorer calls':>14}"
+        )
         beam = by_peer["beam"]
         for peer, r in by_peer.items():
             print(

@@ -15,7 +15,10 @@ for all prompts × beams × samples together, and the prompt is prefilled once: 
 rows of the survivors are copied (``Cache.reorder_cache``) instead of re-tokenising and re-feeding text.
 For plain decoder-only models (``sdpa``/``eager`` attention, no sliding window) each prompt's keys/values are kept once
 and all its rows attend to them together, merged exactly with each row's own continuation (``shared_prompt.py``);
-otherwise every row carries the prompt's cache, grown in place (``kv_cache.py``).
+otherwise every row carries the prompt's cache, grown in place (``kv_cache.py``). Tokens are drawn with the
+``generate`` call's own logits processors, except that trailing top-k / top-p are applied to ``torch.topk``
+candidates instead of a sort of the whole vocabulary (``sampling.py``: the same distribution, other random draws than
+``torch.multinomial``).
 
 Use it either directly, with no patching::
 
@@ -41,6 +44,7 @@ from transformers.utils import logging
 
 from .kv_cache import use_growing_layers
 from .protocol import has_vector_api
+from .sampling import TokenSampler
 from .shared_prompt import shared_prompt_attention, use_shared_prompt_layers
 
 # A logger under the `transformers` hierarchy, so that `transformers.logging.set_verbosity_*` governs it like the
@@ -634,6 +638,7 @@ def rankgen_generate(
     _check_memory(model, settings, num_prompts, candidates_per_round, model_length, max_new_tokens, device)
 
     scorer = _RoundScorer(settings, prompt_texts)
+    sampler = TokenSampler(logits_processor)  # top-k / top-p without sorting the vocabulary (see sampling.py)
     pool: list[list[_Candidate]] = [[] for _ in range(num_prompts)]  # finished survivors, per prompt
     use_cache = model_kwargs.get("use_cache", True)
 
@@ -669,9 +674,7 @@ def rankgen_generate(
     with optimize(), shared_prompt_attention(model, decode_cache, enabled=shared):
         while True:
             # --- sample one token for every row
-            next_scores = logits_processor(input_ids, next_logits)
-            probs = nn.functional.softmax(next_scores, dim=-1)
-            next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+            next_tokens = sampler(input_ids, next_logits)
             if has_eos_stopping_criteria and pad_token is not None:
                 next_tokens = next_tokens * unfinished + pad_token * (1 - unfinished)
             input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)

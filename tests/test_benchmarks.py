@@ -130,6 +130,34 @@ def test_quick_rankgen_loop_benchmark_counts_forward_calls(tmp_path):
         assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_rankgen_loop_benchmark_presets_vocabulary_and_prompt_cut(tmp_path):
+    bench = _load("bench_rankgen_loop")
+    args = bench.parse_args(["--preset", "paper", "--hidden=96", "--repeats", "2"])
+    assert (args.hidden, args.layers, args.vocab_size, args.prompt_tokens, args.new_tokens) == (96, 12, 50257, 256, 115)
+    assert args.repeats == 2 and args.batch_sizes == [1]
+    out = tmp_path / "loop.json"
+    report = bench.main(
+        [
+            "--quick",
+            "--vocab-size",
+            "12000",
+            "--prompt-tokens",
+            "12",
+            "--batch-sizes",
+            "1",
+            "--new-tokens",
+            "21",
+            "--out",
+            str(out),
+        ]
+    )
+    config = report["config"]
+    assert config["vocab_size"] == 12000  # the reference docs alone stop near 9,200 tokens: the stdlib source is used
+    assert all(abs(n - 12) <= 1 for n in config["prompt_tokens"])  # decode/re-encode may move one boundary
+    assert len(config["nucleus_sizes_at_prompt_end"]) == len(bench.PROMPT_SPECS)
+    assert report["results"]["1"]["beam"]["forward_calls"] == 21
+
+
 def test_quick_rankgen_quality_benchmark(tmp_path):
     bench = _load("bench_rankgen_quality")
     out = tmp_path / "quality.json"

@@ -273,6 +273,70 @@ def test_kv_cache_is_reused_and_forward_calls_do_not_grow_with_rows(model, tok, 
     assert len(counter.shapes) == new_tokens  # 1 prefill + (new tokens - 1) decoding steps
 
 
+@pytest.mark.parametrize(
+    "sampling, stock_top_p_calls",
+    [({"top_p": 0.9}, 0), ({"top_k": 5, "top_p": 0.9}, 0), ({"top_p": 0.9, "min_p": 0.05}, 6)],
+)
+def test_top_p_runs_on_candidates_unless_a_processor_follows_it(model, tok, monkeypatch, sampling, stock_top_p_calls):
+    """The loop's sampler takes trailing top-k/top-p off transformers' list (no vocabulary sort per step); a processor
+    after them (here min_p) keeps transformers' own warpers."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    calls = []
+    original = TopPLogitsWarper.__call__
+    monkeypatch.setattr(
+        TopPLogitsWarper, "__call__", lambda self, ids, scores: calls.append(1) or original(self, ids, scores)
+    )
+    out = rankgen(
+        model,
+        tok,
+        WordCount(),
+        batch(tok),
+        num_samples=3,
+        rerank_every=3,
+        max_new_tokens=6,
+        min_new_tokens=6,
+        **sampling,
+    )
+    assert out.shape[1] == batch(tok)["input_ids"].shape[1] + 6
+    assert len(calls) == stock_top_p_calls
+
+
+def test_sampling_distribution_of_the_loop_matches_plain_sampling(model, tok):
+    """The first new token of RankGen's rerank rows and of plain top-p/top-k sampling follow the same distribution."""
+    inputs = batch(tok, PROMPTS[:1])
+    sampling = {"top_p": 0.8, "top_k": 10, "temperature": 0.7, **no_specials(tok, tok.eos_token_id)}
+    with torch.no_grad():
+        logits = model(**inputs).logits[:, -1]
+    first = []
+
+    class FirstToken:
+        def score(self, prefixes, continuations):
+            first.extend(continuations)
+            return torch.zeros(len(continuations))
+
+    for seed in range(6):
+        rankgen(
+            model, tok, FirstToken(), inputs, seed=seed, mode="rerank", num_samples=500, max_new_tokens=1, **sampling
+        )
+    processors = model._get_logits_processor(
+        generation_config=model.generation_config.__class__(do_sample=True, **sampling),
+        input_ids_seq_length=inputs["input_ids"].shape[1],
+        encoder_input_ids=inputs["input_ids"],
+        prefix_allowed_tokens_fn=None,
+        logits_processor=LogitsProcessorList(),
+        device="cpu",
+    )
+    expected = torch.softmax(processors(inputs["input_ids"], logits.double()), -1)[0]
+    counts = torch.zeros_like(expected)
+    for word in first:
+        counts[tok.convert_tokens_to_ids(word.strip())] += 1
+    n = len(first)
+    sigma = (n * expected * (1 - expected)).sqrt()
+    assert bool(((counts - n * expected).abs() <= 4 * sigma + 1e-9).all()), (counts, n * expected)
+    assert int((expected > 0).sum()) > 2  # the test is about a real distribution
+
+
 def test_rerank_mode_is_one_pass_of_n_rows(model, tok):
     inputs = batch(tok)
     scorer = WordCount()
