@@ -187,6 +187,11 @@ def train_with_trainer(args: argparse.Namespace, per_device: int) -> tuple[dict,
         "distributed_type": accelerator.distributed_type.name,
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
     }
+    # Free the DDP-wrapped model (the Trainer and accelerate hold it) while every rank is still in the process group.
+    # Left to the end of this function, its teardown ran after the group was destroyed and, now and then, blocked
+    # forever in gloo once the other rank had exited.
+    del trainer, peft_model
+    accelerator.free_memory()
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group cleanly under torchrun / accelerate launch
     return state, info
