@@ -44,6 +44,7 @@ Outputs (``--output-dir``):
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -262,9 +263,13 @@ def train_with_fsdp(args: argparse.Namespace, version: int, per_device: int, ran
         to_save.load_state_dict(full)
     state = get_peft_model_state_dict(to_save, state_dict=full)
     to_save.save_pretrained(str(args.output_dir / "adapter"), state_dict=full, is_main_process=rank == 0)
-    dist.barrier()
     info = {"mode": f"fsdp{version}", "distributed_type": f"FSDP{version}", "losses": losses}
     info["local_shapes"] = local_shapes
+    # As in train_with_trainer: the sharded model and its optimizer go before the process group does (destroyed
+    # after it, at interpreter exit, a rank could abort with "terminate called without an active exception").
+    del wrapped, model, to_save, optimizer, full
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
     return state, info
 
