@@ -374,11 +374,13 @@ def run(args) -> dict:
             for peer in PEERS
         }
         summary[str(batch)] = ratios(results[str(batch)])
-    prompt_lengths = [len(tok(p)["input_ids"]) for p in all_prompts[: max(args.batch_sizes)]]
+    prompt_tokens = [len(tok(p)["input_ids"]) for p in all_prompts]
+    used = prompt_tokens[: max(args.batch_sizes)]
+    nuclei = nucleus_sizes(model, tok, all_prompts, gen_kwargs["top_p"])
     print(
         f"\nLlama with {sum(p.numel() for p in model.parameters()):,} parameters ({args.hidden} wide, {args.layers} "
-        f"layers, vocabulary {len(tok):,}); prompts of {min(prompt_lengths)}-{max(prompt_lengths)} tokens; top-p 0.9 "
-        f"keeps {sorted(nucleus_sizes(model, tok, all_prompts, 0.9))} tokens at the prompts' ends"
+        f"layers, vocabulary {len(tok):,}); prompts of {min(used)}-{max(used)} tokens; top-p 0.9 "
+        f"keeps {sorted(nuclei)} tokens at the prompts' ends"
     )
     print_table(results, summary, args, device)
     report = {
@@ -390,14 +392,14 @@ def run(args) -> dict:
             "max_new_tokens": args.new_tokens,
             "model": model.config.to_diff_dict(),
             "parameters": sum(p.numel() for p in model.parameters()),
-            "prompt_tokens": [len(tok(p)["input_ids"]) for p in all_prompts],
+            "prompt_tokens": prompt_tokens,
             "repeats": args.repeats,
             "quick": args.quick,
             "prompt_words": args.prompt_words,
             "prompt_tokens_cut": args.prompt_tokens,
             "vocab_size": len(tok),
             "preset": args.preset,
-            "nucleus_sizes_at_prompt_end": nucleus_sizes(model, tok, all_prompts, gen_kwargs["top_p"]),
+            "nucleus_sizes_at_prompt_end": nuclei,
         },
         "results": results,
         "ratios": summary,

@@ -120,8 +120,10 @@ class TokenSampler:
     def __init__(self, processors=None, initial_candidates: int = INITIAL_CANDIDATES):
         if isinstance(initial_candidates, bool) or not isinstance(initial_candidates, int) or initial_candidates < 1:
             raise ValueError(f"initial_candidates must be a positive integer, got {initial_candidates!r}.")
-        self.processors = LogitsProcessorList(processors or [])
-        self.head, self.nucleus = split_processors(self.processors)
+        processors = LogitsProcessorList(processors or [])
+        self.head, self.nucleus = split_processors(processors)
+        # the warpers taken off, run as they are on the rare rows where candidates cannot stand in for them
+        self.tail = LogitsProcessorList(list(processors)[len(self.head) :])
         self.initial_candidates = initial_candidates
         self.candidates = initial_candidates
 
@@ -160,7 +162,7 @@ class TokenSampler:
             values, ids = torch.topk(scores, k)
             # transformers keeps every token that ties with the k-th score; then the candidates are not the kept set
             if bool(((scores >= values[:, -1:]).sum(-1) > k).any()):
-                return [(every_row, None, self._softmax(TopKLogitsWarper(k)(input_ids, scores), top_p_only=True))]
+                return [(every_row, None, self._softmax(self.tail(input_ids, scores)))]
             log_total = torch.logsumexp(values.to(torch.float64), dim=-1, keepdim=True)
             _check_rows(log_total.squeeze(1))
             return [(every_row, ids, self._nucleus(values, log_total, final=True)[0])]
@@ -202,13 +204,9 @@ class TokenSampler:
         fits = torch.ones_like(kept[:, -1]) if final else ~kept[:, -1]
         return probs.masked_fill(~kept, 0.0), fits
 
-    def _softmax(self, scores: torch.Tensor, top_p_only: bool = False) -> torch.Tensor:
-        """The exact fallback: transformers' own warpers (top-p only, when top-k was already applied) on the whole
-        vocabulary."""
-        if top_p_only and self.nucleus.top_p is not None:
-            scores = TopPLogitsWarper(self.nucleus.top_p, min_tokens_to_keep=self.nucleus.min_tokens_to_keep)(
-                None, scores
-            )
+    @staticmethod
+    def _softmax(scores: torch.Tensor) -> torch.Tensor:
+        """float64 probabilities over the whole vocabulary (the path without candidates)."""
         log_total = torch.logsumexp(scores.to(torch.float64), dim=-1, keepdim=True)
         _check_rows(log_total.squeeze(1))
         return torch.exp(scores.to(torch.float64) - log_total)

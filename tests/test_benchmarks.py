@@ -158,6 +158,18 @@ def test_rankgen_loop_benchmark_presets_vocabulary_and_prompt_cut(tmp_path):
     assert report["results"]["1"]["beam"]["forward_calls"] == 21
 
 
+def test_quick_sampling_benchmark(tmp_path):
+    bench = _load("bench_sampling")
+    report = bench.main(["--quick", "--out", str(tmp_path / "sampling.json")])
+    rows = report["results"]
+    assert [r["setting"] for r in rows] == list(bench.SETTINGS)
+    assert all(r["transformers_ms"] > 0 and r["ours_ms"] > 0 for r in rows)
+    kept = {r["setting"]: r["nucleus_median"] for r in rows}
+    # the spreads give the range of nucleus sizes the table claims: peaked rows keep far fewer tokens than flat ones
+    assert kept["top-p 0.9, peaked"] < kept["top-p 0.9, medium"] < kept["top-p 0.9, flat"]
+    assert kept["top-k 50 + top-p 0.9"] <= 50
+
+
 def test_quick_rankgen_quality_benchmark(tmp_path):
     bench = _load("bench_rankgen_quality")
     out = tmp_path / "quality.json"
