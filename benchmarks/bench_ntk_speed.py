@@ -164,6 +164,15 @@ def _counting(calls: Counter, name: str, fn):
     return wrapper
 
 
+def _recording_kernel_names(names: Counter, select_kernel):
+    def wrapper(*args, **kwargs):
+        kernel = select_kernel(*args, **kwargs)
+        names[kernel.name] += 1
+        return kernel
+
+    return wrapper
+
+
 def _build_model(task: dict[str, Any]):
     """The base model for the task's variant, the adapter applied. Returns (model, stack of patches for the run)."""
     import torch
@@ -256,6 +265,7 @@ def run_single(task: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import peft_ntk.attention
+    import peft_ntk.kernels
 
     warnings.simplefilter("ignore", FutureWarning)
     from transformers.utils import logging as hf_logging
@@ -296,15 +306,19 @@ def run_single(task: dict[str, Any]) -> dict[str, Any]:
         calls: Counter = Counter()
         with patches:
             for i in range(task["warmup"]):
-                if i == 0:  # record which attention op served the adapted layers
+                if i == 0:  # record which attention op (and which fused kernel) served the adapted layers
                     ops = peft_ntk.attention
+                    kernels_used: Counter = Counter()
+                    select = _recording_kernel_names(kernels_used, peft_ntk.kernels.select_kernel)
                     with (
                         mock.patch.object(
                             ops, "fused_ntk_attention", _counting(calls, "fused", ops.fused_ntk_attention)
                         ),
                         mock.patch.object(ops, "ntk_attention", _counting(calls, "reference", ops.ntk_attention)),
+                        mock.patch.object(peft_ntk.kernels, "select_kernel", select),
                     ):
                         step()
+                    result["fused_kernels"] = dict(kernels_used)
                 else:
                     step()
             times = []
@@ -471,7 +485,8 @@ def format_table(length: int, rows: dict[str, dict[str, Any]]) -> str:
             )
         elif inference:
             line += f" {'-':>10} {'':>7} {'-':>10} {'':>7}"
-        line += f" {params:>11}  {r['attention_path']}"
+        kernels = "+".join(sorted(r.get("fused_kernels", {})))
+        line += f" {params:>11}  {r['attention_path']}" + (f" ({kernels})" if kernels else "")
         if "inference_error" in r:
             line += f"  (inference {r['inference_error'][:80]})"
         lines.append(line)

@@ -9,8 +9,8 @@
 #
 # Logs and results go to benchmarks/results/ (gpu_tests.log, ntk_speed_gpu*.json/png). Extra arguments after the
 # stage go to bench_ntk_speed.py (e.g. `bash benchmarks/run_gpu.sh bench --steps 3`).
-# When the tests pass, set peft_ntk.kernels.CUDA_FUSED_PATH_VALIDATED = True so that attention_backend="auto" uses
-# the fused path on CUDA too (docs/readme/issue-5.md).
+# The fused CUDA path passed these tests on an H200 (torch 2.11), so attention_backend="auto" uses it on CUDA
+# (peft_ntk.kernels.CUDA_FUSED_PATH_VALIDATED; docs/fused_kernels.md). Rerun them after changing the CUDA adapters.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -35,7 +35,7 @@ run_tests() {
     # -rs lists skips: on a GPU nothing in test_kernels_cuda.py may skip. A failure is reported at the end; the
     # benchmark still runs (its "path" column shows what served each variant).
     "$PYTHON" -m pytest -q -p no:cacheprovider -rs -m gpu tests/ 2>&1 | tee "$results/gpu_tests.log" || status=1
-    "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 3 | tee -a "$results/gpu_tests.log" \
+    "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_fused_combine.py 2>&1 | tail -n 3 | tee -a "$results/gpu_tests.log" \
         || status=1
 }
 

@@ -27,6 +27,11 @@ from .kernels import auto_uses_fused_path, fused_ntk_attention, fused_path_unava
 from .layer import running_layer_for
 from .ops import ntk_attention
 
+try:
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # older transformers: attentions are only requested through output_attentions
+    _active_collector = None
+
 logger = logging.get_logger(__name__)
 
 # base implementation -> our implementation name
@@ -97,11 +102,11 @@ def _with_position_bias(attention_mask: Optional[torch.Tensor], position_bias: O
 def _attention_weights_requested(kwargs: dict) -> bool:
     if kwargs.get("output_attentions"):
         return True
+    if _active_collector is None:
+        return False
     try:  # transformers records attentions through hooks; its collector says whether they were asked for.
-        from transformers.utils.output_capturing import _active_collector
-
         collected = _active_collector.get()
-    except (ImportError, LookupError):
+    except LookupError:
         return False
     return isinstance(collected, dict) and "attentions" in collected
 

@@ -31,16 +31,20 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 
+from .fused_combine import feature_map_has_trainable_state, fused_prefix_combine
 from .ops import FeatureMap, _check_inputs, causal_mask, ntk_prefix_combine, repeat_kv_heads
+from .triton_combine import triton_combine_unavailable_reason, triton_ntk_attention, triton_prefix_combine
 
 logger = logging.get_logger(__name__)
 
-#: Whether ``attention_backend="auto"`` uses the fused CUDA path. The CUDA adapters below were written and checked
-#: against the op schemas and meta kernels without a GPU; until ``benchmarks/run_gpu.sh`` has passed on a GPU, "auto"
-#: keeps the reference path on CUDA and ``attention_backend="fused"`` opts in.
-CUDA_FUSED_PATH_VALIDATED = False
+#: Whether ``attention_backend="auto"`` uses the fused CUDA path. Set once ``benchmarks/run_gpu.sh tests`` passed on a
+#: GPU (an H200, torch 2.11 / CUDA 13.0); a fork that changes the CUDA adapters can set it back to False, so that
+#: "auto" keeps the reference on CUDA until its own GPU run, while ``attention_backend="fused"`` still opts in.
+CUDA_FUSED_PATH_VALIDATED = True
 
-LSE_GRADIENT_MODES = ("auto", "out", "channel")
+#: ``"unchecked_out"`` is the ``"out"`` form without its host-side check (no device sync per backward), for callers
+#: that guarantee every row with an LSE gradient also has a non-zero output gradient (see fused_ntk_attention).
+LSE_GRADIENT_MODES = ("auto", "out", "channel", "unchecked_out")
 _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _EFFICIENT_BIAS_ALIGNMENT = 16  # elements; torch's own SDPA pads the mask's last dim the same way
 
@@ -152,49 +156,98 @@ def _aligned_bias(bias: torch.Tensor, shape: tuple[int, int, int, int]) -> torch
     return bias.expand(shape)
 
 
+def _cuda_cudnn_forward(query, key, value, bias, is_causal, scale):
+    if bias is not None:
+        raise ValueError("the cuDNN kernel is only used without an attention mask")
+    out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        query, key, value, None, True, 0.0, is_causal, False, scale=scale
+    )
+    # cuDNN's softmax statistics come as (B, H, Lq, 1) in float32, natural log; the backward wants them as returned.
+    return out, lse.reshape(lse.shape[:3]), (lse, cum_q, cum_k, max_q, max_k, seed, offset)
+
+
+def _cuda_cudnn_backward(grad_out, query, key, value, bias, out, state, is_causal, scale):
+    lse, cum_q, cum_k, max_q, max_k, seed, offset = state
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        grad_out, query, key, value, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, is_causal,
+        scale=scale,
+    )  # fmt: skip
+
+
 CUDA_FLASH = FusedKernel(
-    "cuda-flash", _cuda_flash_forward, _cuda_flash_backward, head_dim_multiple=8, supports_bias=False
+    "cuda-flash", _cuda_flash_forward, _cuda_flash_backward, head_dim_multiple=8, supports_bias=False, native_gqa=True
+)
+CUDA_CUDNN = FusedKernel(
+    "cuda-cudnn", _cuda_cudnn_forward, _cuda_cudnn_backward, head_dim_multiple=8, supports_bias=False, native_gqa=True
 )
 CUDA_EFFICIENT = FusedKernel(
     "cuda-efficient", _cuda_efficient_forward, _cuda_efficient_backward, head_dim_multiple=8, prepare_bias=_aligned_bias
 )
-_FLASH_MAX_HEAD_DIM = 256
+# torch.nn.attention.SDPBackend values -> our adapters (torch's SDPA picks among the same three kernels)
+_SDPA_BACKENDS = {1: CUDA_FLASH, 2: CUDA_EFFICIENT, 3: CUDA_CUDNN}
 
 
 def _round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-def _cuda_kernel_for(query: torch.Tensor, head_dim: int, has_bias: bool) -> Optional[FusedKernel]:
-    """Flash for fp16/bf16 without a mask (the fastest); memory-efficient otherwise; None if neither can serve.
+def _cuda_kernel_for(
+    query: torch.Tensor, head_dim: int, has_bias: bool, *, room_for_channel: bool = True
+) -> Optional[FusedKernel]:
+    """The kernel torch's own SDPA would pick for these inputs (cuDNN, flash or memory-efficient), or None.
 
-    Flash needs room for the LSE-gradient channel too: round_up(head_dim + 1, 8) ≤ 256. The choice is torch's own
-    dispatcher checks (``can_use_*_attention``, which also honour ``torch.backends.cuda.enable_*_sdp``) on a small
-    probe of the padded width, cached per device, dtype, width, mask and flags.
+    Following torch's choice (``torch._fused_sdp_choice``: its priority order, its per-GPU checks, and the user's
+    ``torch.nn.attention.sdpa_kernel`` / ``torch.backends.cuda.enable_*_sdp`` settings) makes the NTK layers run the
+    same attention kernel as the frozen base model. With ``room_for_channel`` the kernel must also take one more head
+    channel (the "channel" LSE-gradient form); a kernel that cannot is replaced by the memory-efficient one, which
+    takes any width. Decided on a small probe of the padded width, cached per device, dtype, width, mask and flags.
     """
-    flags = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled())
-    return _cuda_kernel_cached(query.device, query.dtype, _round_up(head_dim, 8), has_bias, flags)
+    flags = (
+        torch.backends.cuda.flash_sdp_enabled(),
+        torch.backends.cuda.mem_efficient_sdp_enabled(),
+        torch.backends.cuda.cudnn_sdp_enabled(),
+        torch.backends.cuda.math_sdp_enabled(),
+    )
+    decode = query.shape[2] == 1
+    return _cuda_kernel_cached(
+        query.device, query.dtype, _round_up(head_dim, 8), has_bias, decode, room_for_channel, flags
+    )
 
 
 @functools.lru_cache(maxsize=64)
-def _cuda_kernel_cached(device, dtype, width, has_bias, flags) -> Optional[FusedKernel]:
-    from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use_flash_attention
+def _cuda_kernel_cached(device, dtype, width, has_bias, decode, room_for_channel, flags) -> Optional[FusedKernel]:
+    from torch.backends.cuda import SDPAParams, can_use_cudnn_attention, can_use_efficient_attention
 
-    probe = torch.zeros((1, 1, 16, width), dtype=dtype, device=device)
-    mask_probe = torch.zeros((1, 1, 16, 16), dtype=dtype, device=device)
-    if (
-        not has_bias
-        and dtype in (torch.float16, torch.bfloat16)
-        and _round_up(width + 1, 8) <= _FLASH_MAX_HEAD_DIM
-        and torch.backends.cuda.is_flash_attention_available()
-        and can_use_flash_attention(SDPAParams(probe, probe, probe, None, 0.0, False, False))
+    if dtype not in _CUDA_DTYPES:
+        return None
+
+    def probe(w: int, length: int = 128) -> torch.Tensor:
+        return torch.zeros((1, 1, length, w), dtype=dtype, device=device)
+
+    q_len = 1 if decode else 128
+    mask = torch.zeros((1, 1, q_len, 128), dtype=dtype, device=device) if has_bias else None
+    try:
+        kernel = _SDPA_BACKENDS.get(torch._fused_sdp_choice(probe(width, q_len), probe(width), probe(width), mask))
+    except RuntimeError:  # no fused backend at all for these inputs (torch would use its math path)
+        kernel = None
+    if kernel is not None and kernel.supports_bias is False and has_bias:
+        kernel = None
+    if kernel is not None and room_for_channel and kernel is not CUDA_EFFICIENT:
+        wider = probe(_round_up(width + 1, 8))
+        if kernel is CUDA_FLASH:
+            fits = _round_up(width + 1, 8) <= _FLASH_MAX_HEAD_DIM
+        else:
+            fits = can_use_cudnn_attention(SDPAParams(wider, wider, wider, None, 0.0, False, False))
+        if not fits:
+            kernel = None
+    if kernel is None and can_use_efficient_attention(
+        SDPAParams(probe(width, q_len), probe(width), probe(width), mask, 0.0, False, False)
     ):
-        return CUDA_FLASH
-    if dtype in _CUDA_DTYPES and can_use_efficient_attention(
-        SDPAParams(probe, probe, probe, mask_probe if has_bias else None, 0.0, False, False)
-    ):
-        return CUDA_EFFICIENT
-    return None
+        kernel = CUDA_EFFICIENT
+    return kernel
+
+
+_FLASH_MAX_HEAD_DIM = 256
 
 
 # ------------------------------------------------------------------------------------------- the autograd Function
@@ -212,7 +265,7 @@ def _load_state(ctx, tensors: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
 
 
 def _out_adjusted_for_lse_gradient(
-    out: torch.Tensor, grad_out: torch.Tensor, grad_lse: torch.Tensor
+    out: torch.Tensor, grad_out: torch.Tensor, grad_lse: torch.Tensor, *, check: bool = True
 ) -> Optional[torch.Tensor]:
     """``out'`` with ``<dO_i, out'_i> = <dO_i, out_i> − g_i`` for every row, or None where that cannot be formed.
 
@@ -228,7 +281,7 @@ def _out_adjusted_for_lse_gradient(
     coeff = torch.where(usable, grad_lse / torch.where(usable, norm2, torch.ones_like(norm2)), torch.zeros_like(norm2))
     adjusted = torch.empty_like(out)  # keeps out's memory layout
     adjusted.copy_(out.to(work) - coeff.unsqueeze(-1) * do)
-    if adjusted.device.type == "meta":  # shape checks only: nothing to decide
+    if not check or adjusted.device.type == "meta":  # meta: shape checks only, nothing to decide
         return adjusted
     unsafe = ((grad_lse != 0) & ~usable).any() | ~torch.isfinite(adjusted).all()
     return None if bool(unsafe) else adjusted
@@ -267,7 +320,9 @@ class _FusedAttentionWithLSE(torch.autograd.Function):
             grad_out = F.pad(grad_out, (0, width - ctx.value_dim))
         if grad_lse is not None:
             adjusted = None
-            if ctx.lse_gradient in ("auto", "out"):
+            if ctx.lse_gradient == "unchecked_out":
+                adjusted = _out_adjusted_for_lse_gradient(out, grad_out, grad_lse, check=False)
+            elif ctx.lse_gradient in ("auto", "out"):
                 adjusted = _out_adjusted_for_lse_gradient(out, grad_out, grad_lse)
                 if adjusted is None and ctx.lse_gradient == "out":
                     raise RuntimeError(
@@ -308,14 +363,19 @@ def _same_layout(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------ entry points
 
 
-def select_kernel(query: torch.Tensor, value: torch.Tensor, has_bias: bool) -> FusedKernel:
-    """The fused kernel for these inputs; ValueError naming the reason where none can serve."""
+def select_kernel(
+    query: torch.Tensor, value: torch.Tensor, has_bias: bool, *, room_for_channel: bool = True
+) -> FusedKernel:
+    """The fused kernel for these inputs; ValueError naming the reason where none can serve.
+
+    ``room_for_channel``: the backward may need the "channel" LSE-gradient form (one more head channel).
+    """
     reason = _device_unavailable_reason(query)
     if reason is not None:
         raise ValueError(f"no fused attention kernel for this call: {reason}")
     if query.device.type == "cpu":
         return CPU_FLASH
-    kernel = _cuda_kernel_for(query, max(query.shape[-1], value.shape[-1]), has_bias)
+    kernel = _cuda_kernel_for(query, max(query.shape[-1], value.shape[-1]), has_bias, room_for_channel=room_for_channel)
     if kernel is None:
         raise ValueError(
             f"neither the flash nor the memory-efficient CUDA kernel accepts {query.dtype} queries of head size "
@@ -343,7 +403,9 @@ def fused_attention_with_lse(
     Args:
         kernel: a :class:`FusedKernel`; default: chosen for the device and dtype (:func:`select_kernel`).
         lse_gradient: how the LSE gradient reaches the kernel's backward (module docstring): ``"auto"`` (``"out"``,
-            ``"channel"`` where it cannot serve), or one of them forced (tests).
+            ``"channel"`` where it cannot serve), or one of them forced (tests). ``"unchecked_out"`` skips the check
+            that decides between them, and with it a device sync per backward: only for callers whose rows never
+            carry an LSE gradient without an output gradient.
 
     Example::
 
@@ -391,7 +453,7 @@ def fused_attention_with_lse(
         else:
             bias = mask.to(query.dtype).masked_fill(~has_key, 0.0)
     if kernel is None:
-        kernel = select_kernel(query, value, bias is not None)
+        kernel = select_kernel(query, value, bias is not None, room_for_channel=lse_gradient in ("auto", "channel"))
     if bias is not None:
         if not kernel.supports_bias:
             raise ValueError(f"the {kernel.name} kernel takes no attention mask")
@@ -425,9 +487,51 @@ def fused_ntk_attention(
     attention dropout or weights), with memory linear in the sequence length when no mask is materialised."""
     _check_inputs(query, key, value, z, k, attention_mask)
     out_dtype = query.dtype
+    q_len, head_dim = query.shape[2], query.shape[-1]
+    if (
+        query.is_cuda
+        and attention_mask is None
+        and feature_dropout == 0.0
+        and (not is_causal or q_len in (1, key.shape[2]))  # else the causal mask needs aligning: a bias
+        and value.shape[-1] == head_dim
+        and head_dim % 8 == 0
+        and triton_combine_unavailable_reason(query, head_dim, feature_map) is None
+    ):
+        # The common training and decoding case: the kernel and the Triton combine in one Function, whose backward
+        # hands the LSE gradient to the kernel with no extra pass.
+        kernel = kernel or select_kernel(query, value, False, room_for_channel=False)
+        key, value = key.to(query.dtype), value.to(query.dtype)
+        if not kernel.native_gqa:
+            key, value = repeat_kv_heads(key, query.shape[1]), repeat_kv_heads(value, query.shape[1])
+        return triton_ntk_attention(
+            query,
+            key,
+            value,
+            z,
+            k,
+            kernel=kernel,
+            is_causal=is_causal and q_len > 1,
+            scale=head_dim**-0.5 if scaling is None else scaling,
+            feature_map=feature_map,
+        )
+    # The combine's output gradient G reaches the attention output as dO = α·G and its LSE as a multiple of α·G, so a
+    # row with an LSE gradient always has a non-zero dO: the "out" form always serves, and its check can go.
     attn_out, lse = fused_attention_with_lse(
-        query, key, value, attention_mask=attention_mask, is_causal=is_causal, scaling=scaling, kernel=kernel
+        query,
+        key,
+        value,
+        attention_mask=attention_mask,
+        is_causal=is_causal,
+        scaling=scaling,
+        kernel=kernel,
+        lse_gradient="unchecked_out",
     )
+    if feature_dropout == 0.0:
+        # CUDA and a built-in map: two Triton kernels. Else one torch autograd Function, unless the map is learned.
+        if query.is_cuda and triton_combine_unavailable_reason(query, value.shape[-1], feature_map) is None:
+            return triton_prefix_combine(attn_out, lse, query, z, k, feature_map=feature_map, out_dtype=out_dtype)
+        if not feature_map_has_trainable_state(feature_map, query):
+            return fused_prefix_combine(attn_out, lse, query, z, k, feature_map=feature_map, out_dtype=out_dtype)
     dtype = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
     out, _ = ntk_prefix_combine(
         attn_out.to(dtype), lse.to(dtype), query, z, k, feature_map=feature_map, feature_dropout=feature_dropout
@@ -470,7 +574,11 @@ def fused_path_unavailable_reason(
         return "output_attentions needs the attention weights, which the fused kernel does not materialise"
     if attention_mask is not None and attention_mask.requires_grad and torch.is_grad_enabled():
         return "the attention bias requires grad, and the fused kernels return no gradient for it"
-    if query.device.type == "cuda" and _cuda_kernel_for(query, query.shape[-1], attention_mask is not None) is None:
+    has_mask = attention_mask is not None
+    if (
+        query.device.type == "cuda"
+        and _cuda_kernel_for(query, query.shape[-1], has_mask, room_for_channel=False) is None
+    ):
         return (
             f"neither the flash nor the memory-efficient CUDA kernel accepts {query.dtype} queries of head size "
             f"{query.shape[-1]}" + (" with a mask" if attention_mask is not None else "") + " on this GPU"

@@ -205,8 +205,11 @@ class NTKAttentionLayer(nn.Module, BaseTunerLayer):
                     "cannot be combined. Activate one of them with set_adapter(name)."
                 )
             feature_map = PositiveRandomFeatures(projections[0])
-        z = sum(self.ntk_z[name] for name in names)
-        k = sum(nonnegative(self.ntk_k[name]) for name in names)
+        if len(names) == 1:  # the usual case; sum() would add a zero tensor first
+            z, k = self.ntk_z[names[0]], nonnegative(self.ntk_k[names[0]])
+        else:
+            z = sum(self.ntk_z[name] for name in names)
+            k = sum(nonnegative(self.ntk_k[name]) for name in names)
         dropout = max(self.ntk_feature_dropout[name] for name in names)
         backend = self.ntk_attention_backend[names[0]]
         return PrefixState(z=z, k=k, feature_map=feature_map, feature_dropout=dropout, attention_backend=backend)

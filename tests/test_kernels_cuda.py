@@ -7,8 +7,6 @@ may be set to True so that ``attention_backend="auto"`` uses the fused path on C
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from test_ops import CASES, case_inputs, make_inputs
@@ -111,9 +109,55 @@ def _cuda_case(case, dtype, head_dim=64, seed=0):
 def test_fused_cuda_forward_and_gradients_match_float64(case, dtype, lse_gradient, kernels_used):
     (q, k, v), kw = _cuda_case(case, dtype)
     _compare_with_reference(q, k, v, kw, TOLERANCES[dtype], lse_gradient=lse_gradient)
-    flash_possible = dtype != torch.float32 and kw["attention_mask"] is None
-    flash_possible = flash_possible and (not kw["is_causal"] or q.shape[2] in (1, k.shape[2]))
-    assert kernels_used == (["cuda-flash"] if flash_possible else ["cuda-efficient"])
+    unmasked = kw["attention_mask"] is None and (not kw["is_causal"] or q.shape[2] in (1, k.shape[2]))
+    if not unmasked:
+        assert kernels_used == ["cuda-efficient"]  # the only one of the three that takes a mask
+    else:
+        assert kernels_used == [_torch_sdpa_choice(q, k, v)]
+
+
+def _torch_sdpa_choice(q, k, v) -> str:
+    """The kernel torch's own SDPA picks for these (unmasked) inputs, named as our adapters are."""
+    choice = torch._fused_sdp_choice(q, k, v, None, 0.0, False, enable_gqa=q.shape[1] != k.shape[1])
+    # 0: torch would use its math path (e.g. fp32 with grouped-query heads); ours then takes memory-efficient
+    return {0: "cuda-efficient", 1: "cuda-flash", 2: "cuda-efficient", 3: "cuda-cudnn"}[choice]
+
+
+def _usable(kernel, q, k, v) -> bool:
+    from torch.backends.cuda import SDPAParams, can_use_cudnn_attention, can_use_flash_attention
+
+    check = can_use_flash_attention if kernel is kernels.CUDA_FLASH else can_use_cudnn_attention
+    return check(SDPAParams(q, k, v, None, 0.0, False, q.shape[1] != k.shape[1]))
+
+
+@pytest.mark.parametrize("lse_gradient", ["auto", "channel", "unchecked_out"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["no-mask", "causal-square", "decode", "mqa"])
+@pytest.mark.parametrize("kernel_name", ["CUDA_FLASH", "CUDA_CUDNN"])
+def test_each_unmasked_kernel_matches_float64_with_native_grouped_query_heads(kernel_name, case, dtype, lse_gradient):
+    """Flash and cuDNN forced (each takes K/V with fewer heads as they are), in all three LSE-gradient forms."""
+    (q, k, v), kw = _cuda_case(case, dtype)
+    kernel = getattr(kernels, kernel_name)
+    if not _usable(kernel, q.detach(), k.detach(), v.detach()):
+        pytest.skip(f"{kernel_name} cannot serve {case} {dtype} on this GPU / torch")
+    _compare_with_reference(q, k, v, kw, TOLERANCES[dtype], kernel=kernel, lse_gradient=lse_gradient)
+
+
+def test_the_kernel_follows_torchs_sdpa_settings(kernels_used):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    (q, k, v), kw = _cuda_case("causal-square", torch.bfloat16)
+    for backend, name in [
+        (SDPBackend.FLASH_ATTENTION, "cuda-flash"),
+        (SDPBackend.EFFICIENT_ATTENTION, "cuda-efficient"),
+    ]:
+        kernels_used.clear()
+        with sdpa_kernel(backend):
+            fused_attention_with_lse(q, k, v, **kw)
+        assert kernels_used == [name]
+    kernels_used.clear()
+    fused_attention_with_lse(q, k, v, **kw)
+    assert kernels_used == [_torch_sdpa_choice(q, k, v)]
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCES))
@@ -174,17 +218,6 @@ def test_fused_ntk_attention_matches_reference(case, dtype):
     ref_grads = torch.autograd.grad((ref * weights).sum(), ref_inputs)
     for name, a, b in zip("q k v z kvec".split(), grads, ref_grads):
         _assert_close_scaled(a, b, TOLERANCES[dtype], name)
-
-
-@pytest.mark.xfail(
-    strict=False, reason="probe: native GQA in torch's CUDA flash op is not relied on (K/V are expanded)"
-)
-@pytest.mark.parametrize("case", ["no-mask", "causal-square", "decode", "mqa"])
-def test_probe_flash_native_gqa(case):
-    """If this passes (XPASS) on a GPU, CUDA_FLASH can be given native_gqa=True: no K/V expansion, less memory traffic."""
-    (q, k, v), kw = _cuda_case(case, torch.bfloat16)
-    kernel = dataclasses.replace(kernels.CUDA_FLASH, native_gqa=True)
-    _compare_with_reference(q, k, v, kw, TOLERANCES[torch.bfloat16], kernel=kernel)
 
 
 def _peak_bytes(fn) -> int:
@@ -299,3 +332,66 @@ def test_float64_on_cuda_is_refused_when_forced():
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
         fused_attention_with_lse(q, k, v)
     assert "float16" in kernels.fused_path_unavailable_reason(q, 0.0, False)
+
+
+# ------------------------------------------------------------------------------------------- the Triton prefix combine
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 32, 3000, 64, 64), (2, 4, 37, 128, 128), (1, 2, 5, 40, 24)],
+    ids=["llama-3000-rows", "d128", "d40-dv24"],
+)
+def test_triton_combine_matches_float64(shape, dtype):
+    """Half/single-precision attention output and queries with fp32 Z, k; 3000 rows x 32 heads make the backward's
+    programs loop over several row blocks (partial sums of dZ, dk). The backward is deterministic."""
+    from peft_ntk.ops import ntk_prefix_combine
+    from peft_ntk.triton_combine import triton_prefix_combine
+
+    batch, heads, length, head_dim, value_dim = shape
+    g = torch.Generator().manual_seed(0)
+    attn_out = torch.randn(batch, heads, length, value_dim, generator=g, dtype=torch.float64)
+    lse = torch.randn(batch, heads, length, generator=g, dtype=torch.float64) * 3
+    lse[0, 0, 0] = float("-inf")
+    query = torch.randn(batch, length, heads, head_dim, generator=g, dtype=torch.float64).transpose(1, 2)
+    z = torch.randn(heads, head_dim, value_dim, generator=g, dtype=torch.float64) * 0.1
+    k = torch.rand(heads, head_dim, generator=g, dtype=torch.float64)
+    inputs = [attn_out.to(CUDA, dtype), lse.to(CUDA, torch.float32), query.to(CUDA, dtype)]
+    inputs = [t.requires_grad_(True) for t in inputs + [z.to(CUDA, torch.float32), k.to(CUDA, torch.float32)]]
+    exact = [t.detach().double().requires_grad_(True) for t in inputs]
+    out = triton_prefix_combine(*inputs)
+    ref = ntk_prefix_combine(*exact)[0]
+    assert out.dtype == dtype
+    _assert_close_scaled(out, ref, TOLERANCES[dtype], "out")
+    weights = _weights_like(ref, 3)
+    grads = torch.autograd.grad((out.double() * weights).sum(), inputs)
+    again = torch.autograd.grad((triton_prefix_combine(*inputs).double() * weights).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), exact)
+    for name, a, b, c in zip("attn_out lse query z k".split(), grads, ref_grads, again):
+        assert a.dtype == inputs["attn_out lse query z k".split().index(name)].dtype, name
+        _assert_close_scaled(a, torch.where(torch.isfinite(b), b, torch.zeros_like(b)), TOLERANCES[dtype], name)
+        assert torch.equal(a, c), f"grad {name} differs between two identical backwards"
+
+
+def test_fused_ntk_attention_uses_the_triton_kernels_for_built_in_maps(monkeypatch):
+    """Unmasked: kernel and combine in one Function. With a mask: the combine alone after the masked kernel."""
+    from peft_ntk import triton_combine
+
+    calls = []
+    for cls in (triton_combine._TritonNTKAttention, triton_combine._TritonPrefixCombine):
+
+        def spy(*args, real=cls.apply, name=cls.__name__):
+            calls.append(name)
+            return real(*args)
+
+        monkeypatch.setattr(cls, "apply", spy)
+    (q, k, v, z, kvec), kw = case_inputs("causal-square")
+    inputs = [t.to(CUDA, torch.bfloat16) for t in (q, k, v)] + [t.to(CUDA, torch.float32) for t in (z, kvec)]
+    fused_ntk_attention(*inputs, **kw)
+    fused_ntk_attention(*inputs, **kw, feature_map="relu")
+    assert calls == ["_TritonNTKAttention", "_TritonNTKAttention"]
+    (q, k, v, z, kvec), kw = case_inputs("padding")
+    inputs = [t.to(CUDA, torch.bfloat16) for t in (q, k, v)] + [t.to(CUDA, torch.float32) for t in (z, kvec)]
+    fused_ntk_attention(*inputs, **{**kw, "attention_mask": kw["attention_mask"].to(CUDA)})
+    assert calls[2:] == ["_TritonPrefixCombine"]
