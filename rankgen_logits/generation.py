@@ -38,7 +38,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.generation.stopping_criteria import MaxLengthCriteria, StoppingCriteriaList
+from transformers.generation.stopping_criteria import (
+    EosTokenCriteria,
+    MaxLengthCriteria,
+    MaxTimeCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
@@ -52,6 +57,8 @@ from .shared_prompt import shared_prompt_attention, use_shared_prompt_layers
 logger = logging.get_logger("transformers.rankgen_logits.generation")
 
 MODES = ("beam", "rerank")
+# stopping criteria without state: calling one twice on a step (when the sampler redoes a draw) changes nothing
+PURE_STOPPING_CRITERIA = (EosTokenCriteria, MaxTimeCriteria)
 CHARS_PER_TOKEN = 4  # used to measure continuations for `max_suffix_tokens` when the scorer has no `.tokenizer`
 
 
@@ -602,9 +609,11 @@ def rankgen_generate(
 
     # --- the prompts' text, for the scorer (whole prompt, padding removed)
     prompt_texts = []
+    id_rows = prompt_ids.tolist()
+    mask_rows = None if attention_mask is None else attention_mask.tolist()
     for p in range(num_prompts):
-        ids = prompt_ids[p] if attention_mask is None else prompt_ids[p][attention_mask[p].bool()]
-        prompt_texts.append(tokenizer.decode(ids.tolist(), skip_special_tokens=True))
+        ids = id_rows[p] if mask_rows is None else [t for t, m in zip(id_rows[p], mask_rows[p]) if m]
+        prompt_texts.append(tokenizer.decode(ids, skip_special_tokens=True))
 
     # --- truncate from the left what the model cannot attend to
     text_config = _text_config(model)
@@ -653,10 +662,12 @@ def rankgen_generate(
     # each prompt's keys/values are kept once and attended to by all its rows together (see shared_prompt.py);
     # where that does not apply, every new token is at least written in place (see kv_cache.py)
     decode_cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    # the decoding loop's attention masks are the prompt's followed by ones (`_update_model_kwargs_for_generation`
+    # appends one per step), so the layers may skip masking the continuations (no mask to build or read per step)
     shared = (
         bool(use_cache)
         and fresh_cache
-        and use_shared_prompt_layers(model, decode_cache, attention_mask, max_new_tokens)
+        and use_shared_prompt_layers(model, decode_cache, attention_mask, max_new_tokens, continuation_unmasked=True)
     )
     if not shared:
         use_growing_layers(decode_cache, max_new_tokens)
@@ -669,24 +680,39 @@ def rankgen_generate(
 
     unfinished = torch.ones(len(row_prompt), dtype=torch.long, device=device)
     lengths = torch.zeros_like(unfinished)  # tokens each row produced before finishing (its continuation)
+
+    def advance(tokens):
+        """The step's bookkeeping for drawn ``tokens``, on the device: (input_ids, lengths, unfinished) after the step,
+        and whether any row is unfinished (read by the sampler together with its own checks)."""
+        if has_eos_stopping_criteria and pad_token is not None:
+            tokens = tokens * unfinished + pad_token * (1 - unfinished)
+        ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
+        still = unfinished & ~stopping_criteria(ids, None).to(device)
+        return (ids, lengths + unfinished, still), still.any()
+
+    # Device→host reads per decode step: ONE in the common case, the sampler's (sampling.py), which also carries the
+    # stopping check computed by `advance`; with shared-prompt attention nothing else in the step reads the device.
+    # A step whose nucleus outgrows the sampler's candidates reads more (the redo); so does a scoring round. With
+    # stopping criteria that may keep state, they are called once per step after the draw: a second read.
+    pure_stopping = all(type(c) in PURE_STOPPING_CRITERIA for c in stopping_criteria)
     step = 0
     optimize = getattr(model, "_optimize_model_for_decode", contextlib.nullcontext)
     with optimize(), shared_prompt_attention(model, decode_cache, enabled=shared):
         while True:
             # --- sample one token for every row
-            next_tokens = sampler(input_ids, next_logits)
-            if has_eos_stopping_criteria and pad_token is not None:
-                next_tokens = next_tokens * unfinished + pad_token * (1 - unfinished)
-            input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+            if pure_stopping:
+                _, (input_ids, lengths, unfinished), flags = sampler.sample(input_ids, next_logits, follow=advance)
+                any_unfinished = bool(flags[0])
+            else:
+                (input_ids, lengths, unfinished), any_unfinished = advance(sampler(input_ids, next_logits))
             step += 1
-            lengths = lengths + unfinished
-            unfinished = unfinished & ~stopping_criteria(input_ids, None).to(device)
 
-            last = step >= max_new_tokens or not bool(unfinished.any())
+            last = step >= max_new_tokens or not bool(any_unfinished)
             if step % every == 0 or last:
                 # --- a scoring round
-                rows = _row_candidates(input_ids, model_length, lengths, unfinished, eos_set, tokenizer)
-                row_prompt_list = row_prompt.tolist()
+                rows, row_prompt_list = _row_candidates(
+                    input_ids, model_length, lengths, unfinished, row_prompt, eos_set, tokenizer
+                )
                 row_scores = scorer(row_prompt_list, [c.text for c in rows])
                 for candidate, score in zip(rows, row_scores.tolist()):
                     candidate.score = score
@@ -745,15 +771,22 @@ def rankgen_generate(
     return sequences
 
 
-def _row_candidates(input_ids, start, lengths, unfinished, eos_set, tokenizer) -> list[_Candidate]:
-    """The continuation of every row as a candidate (tokens up to its end, text cut at the first EOS)."""
-    tokens = [row[start : start + n] for row, n in zip(input_ids.tolist(), lengths.tolist())]
+def _row_candidates(
+    input_ids, start, lengths, unfinished, row_prompt, eos_set, tokenizer
+) -> tuple[list[_Candidate], list[int]]:
+    """The continuation of every row as a candidate (tokens up to its end, text cut at the first EOS), and every row's
+    prompt; all read from the device at once."""
+    table = torch.cat(
+        [input_ids, lengths[:, None], unfinished[:, None], row_prompt[:, None].to(input_ids.device)], dim=1
+    ).tolist()
+    tokens = [row[start : start + row[-3]] for row in table]
     for_text = []
     for ids in tokens:
         cut = next((i for i, t in enumerate(ids) if t in eos_set), len(ids))
         for_text.append(ids[:cut])
     texts = tokenizer.batch_decode(for_text, skip_special_tokens=True)
-    return [
-        _Candidate(tokens=ids, text=text, score=-math.inf, finished=not alive)
-        for ids, text, alive in zip(tokens, texts, unfinished.tolist())
+    candidates = [
+        _Candidate(tokens=ids, text=text, score=-math.inf, finished=not row[-2])
+        for ids, text, row in zip(tokens, texts, table)
     ]
+    return candidates, [row[-1] for row in table]

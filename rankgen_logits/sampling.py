@@ -17,12 +17,23 @@ What stays the same as transformers: the kept set (including tokens tied with th
 sampled from is the same. What differs: the random numbers are used differently, so a given seed gives other tokens
 than ``torch.multinomial``; and at the top-p boundary the head mass is summed from the top rather than the tail from the
 bottom, which can differ only when a head mass lies within float rounding (about 1e-7) of ``top_p``.
+
+Device→host synchronisations: on a GPU every value the host reads from the device (``bool(t)``, ``.item()``,
+``.tolist()``, a boolean-mask index) waits for the whole queue of kernels to finish. :meth:`TokenSampler.sample` reads
+the device ONCE per call in the common case: it draws from the first candidates speculatively, then reads, in one
+``tolist()``, whether some row's logits are not finite, whether top-k has ties at its boundary, whether every nucleus
+fit, the next step's candidate count, and whatever flags the caller asks for about the drawn tokens (RankGen's loop
+adds its stopping check). Only when a nucleus did not fit (or top-k ties) does it restore the random generator and
+redo the step exactly as the sequential algorithm (:meth:`TokenSampler.candidates_and_probabilities`) would, so the
+tokens for a given seed are the same either way.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
@@ -64,6 +75,11 @@ def split_processors(processors) -> tuple[LogitsProcessorList, NucleusSettings |
     return LogitsProcessorList(head), NucleusSettings(top_k=top_k, top_p=top_p, min_tokens_to_keep=min_keep)
 
 
+def _any_not_finite(log_total: torch.Tensor) -> torch.Tensor:
+    """0-d bool on the device: whether some entry is NaN or ±inf (``x · 0`` is 0 exactly when ``x`` is finite)."""
+    return (log_total * 0).sum() != 0
+
+
 def _check_rows(log_total: torch.Tensor) -> None:
     bad = ~torch.isfinite(log_total)
     if bool(bad.any()):
@@ -89,7 +105,55 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
     # u < 1 gives u · total < total in float64 (the product rounds to at most total minus one ulp), so a row's last
     # positive entry bounds the draw
     u = torch.rand(total.shape, dtype=torch.float64, device=probs.device) * total
-    return torch.searchsorted(cdf, u, right=True).squeeze(1)
+    # the clamp changes nothing for a valid row; it keeps a row of NaN (drawn speculatively, before the check that
+    # raises for it) from indexing past its candidates, which on a GPU would be a device-side assert
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+def _rng_state(device: torch.device) -> torch.Tensor | None:
+    """The state of the generator ``torch.rand`` uses on ``device`` (read on the host, no synchronisation), or
+    ``None`` where it cannot be saved."""
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return None
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cpu":
+        torch.set_rng_state(state)
+    else:
+        torch.cuda.set_rng_state(state, device)
+
+
+class _FirstPass:
+    """The sampler's work on every row with the first candidates, before anything is read on the host.
+
+    ``ids``/``probs``: as in a group of :meth:`TokenSampler.candidates_and_probabilities` (valid when the checks pass);
+    ``log_total``: the rows' normalisers (all must be finite); ``ties``: 0-d bool, top-k has ties at its boundary (then
+    transformers' warpers run instead); ``fits``: (rows,) bool, the nucleus ended within ``width`` candidates (``None``
+    when that is certain); ``typical``: 0-d, the 0.9-quantile of the kept sizes, which sizes the next step's candidates
+    when every row fit; ``width``/``k``: the candidates taken and the most top-k allows."""
+
+    def __init__(self, scores, log_total, ids=None, probs=None, ties=None, fits=None, width=None, k=None, typical=None):
+        self.scores, self.log_total, self.ids, self.probs = scores, log_total, ids, probs
+        self.ties, self.fits, self.width, self.k, self.typical = ties, fits, width, k, typical
+
+    def flags(self) -> list[torch.Tensor]:
+        flags = [_any_not_finite(self.log_total)]
+        if self.ties is not None:
+            flags.append(self.ties)
+        if self.fits is not None:
+            flags.append(self.fits)  # per row: a redo needs to know which rows to keep
+        if self.typical is not None:
+            flags.append(self.typical)
+        return flags
+
+    @property
+    def may_redo(self) -> bool:
+        """Whether the host's reading can send the step down another path (then the draw is redone)."""
+        return self.ties is not None or self.fits is not None
 
 
 class TokenSampler:
@@ -128,11 +192,66 @@ class TokenSampler:
         self.candidates = initial_candidates
 
     def __call__(self, input_ids: torch.LongTensor, logits: torch.Tensor) -> torch.LongTensor:
-        """The next token of every row: ``(rows,)``."""
+        """The next token of every row: ``(rows,)``. One device→host synchronisation in the common case."""
+        return self.sample(input_ids, logits)[0]
+
+    def sample(
+        self,
+        input_ids: torch.LongTensor,
+        logits: torch.Tensor,
+        follow: Callable[[torch.Tensor], tuple[Any, torch.Tensor]] | None = None,
+    ) -> tuple[torch.LongTensor, Any, list]:
+        """The next token of every row, and ``follow``'s work on them, with ONE device→host read in the common case.
+
+        ``follow(tokens) -> (result, flags)``: device work on the drawn tokens whose 1-d ``flags`` (bool, integer or
+        float; exactly representable in float64) the caller needs on the host; they are read together with the
+        sampler's own checks. Returns ``(tokens, result, flags as a list of floats)``. When the first candidates
+        turn out too few for some row's nucleus (or top-k has ties), the random generator is restored and the step
+        is redone as :meth:`candidates_and_probabilities` describes (more reads), and ``follow`` is called again on
+        the final tokens: it must be free of side effects. The tokens are those of the sequential algorithm either
+        way: same seed, same tokens.
+        """
+        device = logits.device
+        first = self._first_pass(input_ids, logits)
+        state = _rng_state(device) if first.may_redo else None
+        if first.may_redo and state is None:  # no generator state to restore here: decide first, then draw
+            groups = self._resolve(input_ids, first, self._read(first.flags()))
+            return self._finish(self._draw_groups(groups, logits), follow)
+        tokens = self._draw(first.ids, first.probs)
+        result, extra = follow(tokens) if follow is not None else (None, None)
+        own = first.flags()
+        # the one device→host synchronisation of the common case
+        values = self._read(own if extra is None else [*own, extra])
+        mine = sum(flag.numel() for flag in own)
+        own_values, extra_values = values[:mine], values[mine:]
+        groups = self._resolve(input_ids, first, own_values)
+        if groups is None:  # every row drawn from the first candidates: done
+            return tokens, result, extra_values
+        _set_rng_state(device, state)  # redo the draw as the sequential algorithm makes it
+        return self._finish(self._draw_groups(groups, logits), follow)
+
+    @staticmethod
+    def _read(flags: list[torch.Tensor]) -> list[float]:
+        return torch.cat([f.reshape(-1).to(torch.float64) for f in flags]).tolist()
+
+    @staticmethod
+    def _finish(tokens, follow):
+        if follow is None:
+            return tokens, None, []
+        result, extra = follow(tokens)
+        return tokens, result, torch.as_tensor(extra).reshape(-1).to(torch.float64).tolist()
+
+    @staticmethod
+    def _draw(ids, probs) -> torch.Tensor:
+        choice = draw(probs)
+        return choice if ids is None else ids.gather(1, choice[:, None]).squeeze(1)
+
+    def _draw_groups(self, groups, logits) -> torch.Tensor:
+        if len(groups) == 1 and groups[0][0] is None:
+            return self._draw(groups[0][1], groups[0][2])
         tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-        for rows, ids, probs in self.candidates_and_probabilities(input_ids, logits):
-            choice = draw(probs)
-            tokens[rows] = choice if ids is None else ids.gather(1, choice[:, None]).squeeze(1)
+        for rows, ids, probs in groups:
+            tokens[rows] = self._draw(ids, probs)
         return tokens
 
     def probabilities(self, logits: torch.Tensor, input_ids: torch.LongTensor | None = None) -> torch.Tensor:
@@ -151,58 +270,98 @@ class TokenSampler:
         """Groups of rows ``(rows, ids, probs)``: the rows' candidate token ids ``(len(rows), K)`` and their
         unnormalised probabilities (0 outside the kept set; proportional to the softmax over it). ``ids`` is ``None``
         when ``probs`` covers the whole vocabulary. Rows whose nucleus needs more candidates form later groups."""
+        first = self._first_pass(input_ids, logits)
+        groups = self._resolve(input_ids, first, self._read(first.flags()))
+        if groups is None:
+            groups = [(None, first.ids, first.probs)]
+        every_row = torch.arange(logits.shape[0], device=logits.device)
+        return [(every_row if rows is None else rows, ids, probs) for rows, ids, probs in groups]
+
+    def _first_pass(self, input_ids, logits) -> _FirstPass:
+        """Everything up to the first host decision, for every row; nothing is read on the host."""
         scores = self.head(input_ids, logits) if len(self.head) else logits
-        every_row = torch.arange(scores.shape[0], device=scores.device)
         if self.nucleus is None:
-            return [(every_row, None, self._softmax(scores))]
+            log_total = torch.logsumexp(scores.to(torch.float64), dim=-1, keepdim=True)
+            return _FirstPass(scores, log_total.squeeze(1), probs=torch.exp(scores.to(torch.float64) - log_total))
         vocab = scores.shape[-1]
         top_k, top_p = self.nucleus.top_k, self.nucleus.top_p
         k = vocab if top_k is None else min(top_k, vocab)
         if top_k is not None and k < vocab:
             values, ids = torch.topk(scores, k)
             # transformers keeps every token that ties with the k-th score; then the candidates are not the kept set
-            if bool(((scores >= values[:, -1:]).sum(-1) > k).any()):
-                return [(every_row, None, self._softmax(self.tail(input_ids, scores)))]
+            ties = ((scores >= values[:, -1:]).sum(-1) > k).any()
             log_total = torch.logsumexp(values.to(torch.float64), dim=-1, keepdim=True)
-            _check_rows(log_total.squeeze(1))
-            return [(every_row, ids, self._nucleus(values, log_total, final=True)[0])]
+            probs = self._nucleus(values, log_total, final=True)[0]
+            return _FirstPass(scores, log_total.squeeze(1), ids=ids, probs=probs, ties=ties)
         # float32 is enough for the normaliser (transformers' own softmax is float32) and 5x cheaper over a vocabulary
         work = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
         log_total = torch.logsumexp(work, dim=-1, keepdim=True).to(torch.float64)
-        _check_rows(log_total.squeeze(1))
         if top_p is None:  # top_k >= vocab: nothing is filtered
-            return [(every_row, None, torch.exp(scores.to(torch.float64) - log_total))]
-        groups, pending = [], every_row
+            return _FirstPass(scores, log_total.squeeze(1), probs=torch.exp(scores.to(torch.float64) - log_total))
         width = min(max(self.candidates, self.nucleus.min_tokens_to_keep), k)
+        values, ids = torch.topk(scores, width)
+        probs, fits = self._nucleus(values, log_total, final=width == k)
+        typical = torch.quantile((probs > 0).sum(-1).float(), 0.9)  # sizes the next step when every row fit
+        return _FirstPass(scores, log_total.squeeze(1), ids, probs, fits=fits, width=width, k=k, typical=typical)
+
+    def _resolve(self, input_ids, first: _FirstPass, values: list[float]):
+        """Act on the host's reading of ``first.flags()``: ``None`` when every row is drawn from the first candidates
+        (the common case), else the groups of :meth:`candidates_and_probabilities`. Raises for non-finite rows."""
+        bad, rest = values[0], values[1:]
+        if first.ties is not None:
+            if rest[0]:
+                return [(None, None, self._softmax(self.tail(input_ids, first.scores)))]
+            rest = rest[1:]
+        if bad:
+            _check_rows(first.log_total)  # raises, naming the rows
+        if first.fits is not None:
+            fit, rest = rest[: len(first.fits)], rest[len(first.fits) :]
+            if not all(fit):
+                return self._redo_nucleus(first, fit)
+        if first.typical is not None:
+            self._next_candidates(int(rest[0]))
+        return None
+
+    def _redo_nucleus(self, first: _FirstPass, fit: list[float]):
+        """Some rows' nucleus did not fit in the first candidates (``fit``: read per row): the sequential algorithm
+        from there on. Each round keeps the rows that fit as a group and redoes the others with four times the
+        candidates; one read per round (which rows fit, and the next step's candidate count in case all do)."""
+        scores, log_total, k, device = first.scores, first.log_total[:, None], first.k, first.scores.device
+        groups, pending, width = [], torch.arange(scores.shape[0], device=device), first.width
+        ids, probs = first.ids, first.probs
         while True:
-            subset = scores if len(pending) == len(every_row) else scores[pending]
-            values, ids = torch.topk(subset, width)
+            keep = torch.tensor([i for i, f in enumerate(fit) if f], dtype=torch.long, device=device)
+            if len(keep):
+                groups.append((pending[keep], ids[keep], probs[keep]))
+            # only the rows whose nucleus did not fit are redone, with four times the candidates
+            redo = torch.tensor([i for i, f in enumerate(fit) if not f], dtype=torch.long, device=device)
+            pending, width = pending[redo], min(4 * width, k)
+            values, ids = torch.topk(scores[pending], width)
             probs, fits = self._nucleus(values, log_total[pending], final=width == k)
-            if bool(fits.all()):
+            kept = torch.cat([(p > 0).sum(-1) for _, _, p in groups] + [(probs > 0).sum(-1)]).float()
+            *fit, typical = self._read(([] if fits is None else [fits]) + [torch.quantile(kept, 0.9)])
+            if all(fit):
                 groups.append((pending, ids, probs))
                 break
-            if bool(fits.any()):
-                groups.append((pending[fits], ids[fits], probs[fits]))
-            # only the rows whose nucleus did not fit are redone, with four times the candidates
-            pending, width = pending[~fits], min(4 * width, k)
-        # the next step starts with room for twice the nucleus of 9 rows in 10
-        kept = torch.cat([(probs > 0).sum(-1) for _, _, probs in groups]).float()
-        typical = int(torch.quantile(kept, 0.9)) if len(kept) else 1
-        self.candidates = max(self.initial_candidates, 1 << max(2 * typical - 1, 1).bit_length())
+        self._next_candidates(int(typical))
         return groups
 
-    def _nucleus(self, values, log_total, final: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _next_candidates(self, typical: int) -> None:
+        # the next step starts with room for twice the nucleus of 9 rows in 10
+        self.candidates = max(self.initial_candidates, 1 << max(2 * typical - 1, 1).bit_length())
+
+    def _nucleus(self, values, log_total, final: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The probabilities of the sorted candidates ``values`` after top-p, and which rows' nucleus certainly ends
-        within the candidates (all rows when ``final``: the candidates are everything top-k allows)."""
+        within the candidates (``None``: all rows, when ``final``: the candidates are everything top-k allows)."""
         probs = torch.exp(values.to(torch.float64) - log_total)
         top_p = self.nucleus.top_p
         if top_p is None:
-            return probs, torch.ones(len(probs), dtype=torch.bool, device=probs.device)
+            return probs, None
         head_mass = probs.cumsum(-1) - probs  # mass of the better candidates
-        rank = torch.arange(probs.shape[-1], device=probs.device)
-        kept = (head_mass < top_p) | (rank < self.nucleus.min_tokens_to_keep)
-        fits = torch.ones_like(kept[:, -1]) if final else ~kept[:, -1]
-        return probs.masked_fill(~kept, 0.0), fits
+        kept = head_mass < top_p
+        if self.nucleus.min_tokens_to_keep > 0:
+            kept[:, : self.nucleus.min_tokens_to_keep] = True
+        return torch.where(kept, probs, 0.0), None if final else ~kept[:, -1]
 
     @staticmethod
     def _softmax(scores: torch.Tensor) -> torch.Tensor:

@@ -187,3 +187,17 @@ def test_quick_rankgen_quality_benchmark(tmp_path):
     for kind in ("in_document", "generated"):
         assert 0 <= report["identification_accuracy"][kind]["accuracy"] <= 1
     assert report["scorer"]["last_loss"] < report["scorer"]["first_loss"]
+
+
+def test_quick_rankgen_loop_profile(tmp_path):
+    """benchmarks/profile_rankgen_loop.py on CPU: time, aten ops and top ops per step for RankGen's beam search and one
+    batched B·N sampling call; the beam search's ordinary decode steps read the device once."""
+    profile = _load("profile_rankgen_loop")
+    out = tmp_path / "profile.json"
+    report = profile.main(["--quick", "--device", "cpu", "--threads", "1", "--top", "3", "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert results.keys() == {"beam", "sampling-BxN"}
+    for r in results.values():
+        assert r["steps"] == 24 and r["wall_ms_per_step"] > 0 and r["aten_ops_per_step"] > 0
+        assert r["cuda_kernels_per_step"] is None and "cuda_syncs" not in r and len(r["top_self_cpu"]) == 3
+    assert report["results"]["beam"]["host_reads"]["median_per_decode_step"] == 1

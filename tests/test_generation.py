@@ -669,3 +669,88 @@ def test_text_generation_pipeline(model, tok):
 def test_exports():
     for name in ("RankGenSettings", "rankgen_generate", "enable_rankgen_generate", "disable_rankgen_generate"):
         assert hasattr(rankgen_logits, name)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# device→host synchronisations: on a GPU each one drains the queue of kernels, so the loop must not add any per step
+
+
+def _syncs_per_forward(model, run) -> tuple[dict, set]:
+    """Run ``run()`` counting device→host reads (tests/test_sampling.py's SyncCounter) per window between model
+    forwards: window ``f`` holds forward ``f`` and whatever runs before forward ``f + 1`` (for RankGen's loop: the
+    sampling of token ``f``, the stopping check and, every L tokens, a scoring round). Also returns the windows in
+    which the sampler redid a draw (a nucleus outgrew its candidates)."""
+    from test_sampling import SyncCounter
+
+    import rankgen_logits.sampling as sampling
+
+    counter, redone = SyncCounter(), set()
+    counter.mark = 0
+    handle = model.register_forward_pre_hook(lambda *_: setattr(counter, "mark", counter.mark + 1))
+    restore = sampling._set_rng_state
+    sampling._set_rng_state = lambda *args: (redone.add(counter.mark), restore(*args))[1]
+    try:
+        with counter:
+            run()
+    finally:
+        handle.remove()
+        sampling._set_rng_state = restore
+    return {f: counter.count(f) for f in range(1, counter.mark + 1)}, redone
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_one_device_to_host_sync_per_decode_step(model, tok, monkeypatch, shared):
+    """The bound, derived: a decode step reads the device ONCE, the sampler's combined read (are the rows' logits
+    finite, which rows' nucleus fit the candidates, the next candidate count, and the loop's "any row unfinished?").
+    With shared-prompt attention nothing else in the step reads (no mask is built for the step: the continuation is
+    unmasked by construction). With the plain per-row cache, transformers' own mask builder reads the padding mask
+    once per forward, as in its own sampling loop, which this is compared with. A scoring round adds one read for the
+    candidates (tokens, lengths, finished, prompt), two for the scores (``.cpu()``, free here, then ``.tolist()``)
+    and, with shared-prompt attention, one for the new rows' layout (for all layers at once). A redone draw (a nucleus
+    outgrew its candidates) adds one read per further round of candidates and one for the loop's flags on the final
+    tokens. Before this was bounded the loop read 7 times per step (shared) and 5 (plain): the sampler 3, the stopping
+    check 1, the mask builder 1, and once per layer to test the mask."""
+    import functools
+
+    import rankgen_logits.generation as generation
+    from rankgen_logits.sampling import TokenSampler
+
+    if not shared:
+        monkeypatch.setattr(generation, "use_shared_prompt_layers", lambda *args, **kw: False)
+    # few first candidates, so that the nucleus-fits check is live (the vocabulary is tiny): top-p 0.5 then keeps 16
+    monkeypatch.setattr(generation, "TokenSampler", functools.partial(TokenSampler, initial_candidates=2))
+    forwards, flatten_at = [0], 7
+
+    def flatten_one_row(module, args, output):  # a near-uniform row at forward 7: its nucleus outgrows 16 candidates
+        forwards[0] += 1
+        if forwards[0] == flatten_at:
+            output.logits[0] /= 1000
+
+    inputs = batch(tok)  # left padding
+    new_tokens, every = 16, 5
+    kwargs = {"max_new_tokens": new_tokens, "top_p": 0.5, **no_specials(tok)}
+    handle = model.register_forward_hook(flatten_one_row)
+    try:
+        ours, redone = _syncs_per_forward(
+            model, lambda: rankgen(model, tok, WordCount(), inputs, num_samples=3, rerank_every=every, **kwargs)
+        )
+    finally:
+        handle.remove()
+    assert len(ours) == new_tokens  # prefill + one forward per later token
+    decode = range(2, new_tokens)  # window 1 is the prefill; the last one ends with the final round
+    rounds = {f for f in decode if f % every == 0}
+    common = [f for f in decode if f not in rounds and f not in redone]
+
+    def transformers_sampling():
+        torch.manual_seed(0)
+        model.generate(**inputs, do_sample=True, num_return_sequences=6, min_new_tokens=new_tokens, **kwargs)
+
+    theirs, _ = _syncs_per_forward(model, transformers_sampling)
+    per_step_theirs = max(theirs[f] for f in decode)
+    # transformers' loop: its stopping check, and (5.17, 5.24 with padding) the mask builder's padding check
+    assert per_step_theirs >= 1
+    bound = 1 if shared else per_step_theirs
+    assert all(ours[f] <= bound for f in common), (ours, bound)
+    assert all(ours[f] <= bound + 3 + shared for f in rounds - redone), (ours, bound)
+    assert ours[flatten_at] <= bound + 2, (ours, bound)  # one more round of candidates (16 -> all 33)
+    assert len(common) == 10 and flatten_at in redone, (common, redone)  # both cases were exercised

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinPLogitsWarper,
@@ -201,3 +202,101 @@ def test_nan_logits_raise_a_clear_error():
 def test_bad_initial_candidates(value):
     with pytest.raises(ValueError, match="initial_candidates"):
         TokenSampler(initial_candidates=value)
+
+
+# --- device→host synchronisations (each one drains a GPU's queue; counted here on CPU)
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts what makes the host wait for the device on a GPU: reading a value (``.item()``, ``bool(t)``,
+    ``int(t)``, ``if t``: all ``aten._local_scalar_dense``), ops whose output shape depends on the data (nonzero,
+    masked_select, unique, boolean-mask indexing, ``repeat_interleave`` with tensor repeats), and
+    ``.tolist()`` / ``.cpu()`` / ``.numpy()`` (patched: on CPU they dispatch nothing). ``events`` holds
+    ``(mark, what)``; ``mark`` is whatever the test sets (e.g. the number of model forwards so far)."""
+
+    READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default"}
+    READS.add("aten.is_nonzero.default")  # (not aten.equal: torch 2.11 calls it in CPU-side argument checks)
+    INDEXING = {"aten.index.Tensor", "aten.index_put_.default", "aten.index_put.default"}
+
+    def __init__(self):
+        super().__init__()
+        self.events: list[tuple[object, str]] = []
+        self.mark: object = None
+        self._patched = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        if (
+            name in self.READS
+            or "unique" in name
+            or (name == "aten.repeat_interleave.Tensor" and kwargs.get("output_size") is None)
+            or (name in self.INDEXING and any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1]))
+        ):
+            self.events.append((self.mark, name))
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        for method in ("tolist", "cpu", "numpy"):
+            original = getattr(torch.Tensor, method)
+            self._patched[method] = original
+
+            def wrapper(tensor, *args, _original=original, _method=method, **kwargs):
+                self.events.append((self.mark, _method))
+                return _original(tensor, *args, **kwargs)
+
+            setattr(torch.Tensor, method, wrapper)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for method, original in self._patched.items():
+            setattr(torch.Tensor, method, original)
+        return super().__exit__(*exc)
+
+    def count(self, mark=None) -> int:
+        return sum(1 for m, _ in self.events if m == mark)
+
+
+@pytest.mark.parametrize(
+    "processors, redone_when_mixed",
+    [
+        ([TopPLogitsWarper(0.9)], True),  # candidates, the nucleus-fits check and the next candidate count
+        ([TopKLogitsWarper(50), TopPLogitsWarper(0.9)], False),  # the top-k ties check
+        ([TemperatureLogitsWarper(0.7)], False),  # the whole vocabulary
+    ],
+)
+def test_one_device_read_per_call_and_redone_draws_equal_the_sequential_algorithm(processors, redone_when_mixed):
+    """Common case: every nucleus fits the first candidates, ONE read (finite rows, ties, fits, next candidate count
+    and the caller's flags together). When one row's nucleus does not fit, the draw is redone from the saved random
+    state and gives exactly the tokens of the group-by-group algorithm (``candidates_and_probabilities``)."""
+    ids = torch.zeros(6, 1, dtype=torch.long)
+    peaked = logits_of(6, 2000, 8.0, 2, torch.float32)
+    mixed = peaked.clone()
+    mixed[4] = logits_of(1, 2000, 0.1, 3, torch.float32)[0]  # a nucleus of ~1,800 tokens
+    flat_nucleus = int((TokenSampler(LogitsProcessorList(processors)).probabilities(mixed)[4] > 0).sum())
+    width, redo_rounds = 8, 0
+    while width < 2000 and width <= flat_nucleus:  # the flat row's candidates grow 4x until its nucleus ends inside
+        width, redo_rounds = min(4 * width, 2000), redo_rounds + 1
+    for logits, common in ((peaked, True), (mixed, False)):
+        redone = not common and redone_when_mixed
+        with SyncCounter() as counter:
+            TokenSampler(LogitsProcessorList(processors), initial_candidates=8)(ids, logits)
+        # one read, plus one per further round of candidates when a nucleus did not fit
+        assert counter.count() == 1 + (redo_rounds if redone else 0), counter.events
+
+        sampler = TokenSampler(LogitsProcessorList(processors), initial_candidates=8)
+        reference = TokenSampler(LogitsProcessorList(processors), initial_candidates=8)
+        torch.manual_seed(0)
+        with SyncCounter() as counter:
+            tokens, (doubled,), flags = sampler.sample(ids, logits, follow=lambda t: ((2 * t,), (t == t[0]).sum()))
+        after = torch.rand(1)
+        assert torch.equal(doubled, 2 * tokens) and flags == [float((tokens == tokens[0]).sum())]
+        # a redo reads the caller's flags again, for the final tokens
+        assert counter.count() == 1 + (redo_rounds + 1 if redone else 0), counter.events
+        torch.manual_seed(0)
+        expected = torch.empty(6, dtype=torch.long)
+        for rows, cand, probs in reference.candidates_and_probabilities(ids, logits):
+            choice = draw(probs)
+            expected[rows] = choice if cand is None else cand.gather(1, choice[:, None]).squeeze(1)
+        assert torch.equal(tokens, expected) and torch.equal(torch.rand(1), after)
+        assert sampler.candidates == reference.candidates
