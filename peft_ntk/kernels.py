@@ -378,7 +378,7 @@ def select_kernel(
     kernel = _cuda_kernel_for(query, max(query.shape[-1], value.shape[-1]), has_bias, room_for_channel=room_for_channel)
     if kernel is None:
         raise ValueError(
-            f"neither the flash nor the memory-efficient CUDA kernel accepts {query.dtype} queries of head size "
+            f"no fused CUDA attention kernel (cuDNN, flash, memory-efficient) accepts {query.dtype} queries of head size "
             f"{query.shape[-1]} on this GPU (see torch.backends.cuda.can_use_efficient_attention(..., debug=True))"
         )
     return kernel
@@ -580,7 +580,7 @@ def fused_path_unavailable_reason(
         and _cuda_kernel_for(query, query.shape[-1], has_mask, room_for_channel=False) is None
     ):
         return (
-            f"neither the flash nor the memory-efficient CUDA kernel accepts {query.dtype} queries of head size "
+            f"no fused CUDA attention kernel (cuDNN, flash, memory-efficient) accepts {query.dtype} queries of head size "
             f"{query.shape[-1]}" + (" with a mask" if attention_mask is not None else "") + " on this GPU"
         )
     return None
