@@ -12,7 +12,7 @@ rounds; ``--new-tokens 115`` for the paper's length), it prints and writes:
   by self CPU time and by self CUDA time;
 * device→host synchronisations per step: on CUDA the warnings of ``torch.cuda.set_sync_debug_mode("warn")``, and on
   every device the reads the tests count (``.item()`` / ``bool(t)`` / ``.tolist()`` / ``.cpu()`` / nonzero / boolean
-  indexing ...: the same definition as ``tests/test_sampling.py``'s ``SyncCounter``), both also per window between
+  indexing ...: ``host_reads.SyncCounter``, which the tests use too), both also per window between
   two forwards (median over decode steps, max), so that the scoring rounds show apart from ordinary steps.
 
 A "step" is one model forward: the prefill, then one per further new token (a scoring round falls inside a step).
@@ -31,64 +31,19 @@ import statistics
 import sys
 import time
 import warnings
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_rankgen_loop as loop  # noqa: E402  (the model, tokenizer, prompts and peers of the loop benchmark)
+from host_reads import SyncCounter  # noqa: E402  (what the tests count as a device→host read)
 
 ROOT = Path(__file__).resolve().parent
 VARIANTS = ("beam", "beam-plain-cache", "sampling-BxN")
-
-
-class HostReads(TorchDispatchMode):
-    """Device→host reads, as tests/test_sampling.py's SyncCounter counts them, per window between model forwards."""
-
-    READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default"}
-    READS.add("aten.is_nonzero.default")  # (not aten.equal: torch 2.11 calls it in CPU-side argument checks)
-    INDEXING = {"aten.index.Tensor", "aten.index_put_.default", "aten.index_put.default"}
-
-    def __init__(self):
-        super().__init__()
-        self.window = 0
-        self.per_window: dict[int, int] = {}
-        self._patched = {}
-
-    def _add(self):
-        self.per_window[self.window] = self.per_window.get(self.window, 0) + 1
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = str(func)
-        if (
-            name in self.READS
-            or "unique" in name
-            or (name == "aten.repeat_interleave.Tensor" and kwargs.get("output_size") is None)
-            or (name in self.INDEXING and any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1]))
-        ):
-            self._add()
-        return func(*args, **kwargs)
-
-    def __enter__(self):
-        for method in ("tolist", "cpu", "numpy"):
-            original = getattr(torch.Tensor, method)
-            self._patched[method] = original
-
-            def wrapper(tensor, *args, _original=original, **kwargs):
-                self._add()
-                return _original(tensor, *args, **kwargs)
-
-            setattr(torch.Tensor, method, wrapper)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        for method, original in self._patched.items():
-            setattr(torch.Tensor, method, original)
-        return super().__exit__(*exc)
 
 
 @contextmanager
@@ -171,13 +126,13 @@ def profile_variant(run, model, device, top: int, profiled_steps: int) -> dict:
     kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     aten_ops = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::"))
     # --- device→host reads, as the tests count them, and (CUDA) synchronisations as CUDA reports them
-    reads, cuda_syncs = HostReads(), {}
+    reads, cuda_syncs = SyncCounter(), {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         seen = [0]
 
         def on_forward(f):
-            reads.window = f
+            reads.mark = f
             cuda_syncs[f - 1] = cuda_syncs.get(f - 1, 0) + len(caught) - seen[0]
             seen[0] = len(caught)
 
@@ -199,7 +154,7 @@ def profile_variant(run, model, device, top: int, profiled_steps: int) -> dict:
         "profiled_steps": active,
         "cuda_kernels_per_step": kernels / active if device.type == "cuda" else None,
         "aten_ops_per_step": aten_ops / active,
-        "host_reads": _window_stats(reads.per_window, counted[0]),
+        "host_reads": _window_stats(Counter(mark for mark, _ in reads.events), counted[0]),
         "top_self_cpu": _top(prof, "self_cpu_time_total", active, top),
         "top_self_cuda": _top(prof, "self_device_time_total", active, top) if device.type == "cuda" else [],
     }
