@@ -68,10 +68,18 @@ def _backward_blocks(head_dim: int, value_dim: int) -> tuple[int, int, int, int]
     return (16 if max(block_d, block_dv) > 64 else 32), block_d, block_dv, warps
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
+def _dot_precision(tensor: torch.Tensor) -> str:
     """fp32 inputs: IEEE products (the reference's precision). Half-precision inputs: TF32 tensor cores, whose
-    2^-11 relative rounding is below the 2^-8 (bf16) or 2^-11 (fp16) of the inputs and the output."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    2^-11 relative rounding is below the 2^-8 (bf16) or 2^-11 (fp16) of the inputs and the output, where the GPU has
+    them (NVIDIA from Ampere on; not ROCm, not Triton's interpreter)."""
+    if tensor.dtype == torch.float32 or not _has_tf32(tensor.device):
+        return "ieee"
+    return "tf32"
+
+
+@functools.lru_cache(maxsize=16)
+def _has_tf32(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.version.cuda is not None and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def _last_dim_contiguous(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -93,7 +101,7 @@ def _combine_forward(attn_out, lse, query, z, k, feature_code: int, out_dtype: t
         *query.stride()[:3], *attn_out.stride()[:3], *lse.stride(), *out.stride()[:3],
         heads, length, head_dim, value_dim, head_dim**-0.25,
         BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_DV=block_dv, FEATURE=feature_code,
-        PRECISION=_dot_precision(query.dtype), num_warps=warps,
+        PRECISION=_dot_precision(query), num_warps=warps,
     )  # fmt: skip
     return out, zk, stats
 
@@ -121,7 +129,7 @@ def _combine_backward(grad, attn_out, query, zk, stats, feature_code: int, *, sh
         *query.stride()[:3], *attn_out.stride()[:3], *grad.stride()[:3], *grad_q.stride()[:3], *grad_o.stride()[:3],
         heads, length, head_dim, value_dim, head_dim**-0.25, chunks,
         BLOCKS_PER_PROGRAM=per_program, BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_DV=block_dv, FEATURE=feature_code,
-        PRECISION=_dot_precision(query.dtype), SHIFTED_OUT=shifted_out, num_warps=warps,
+        PRECISION=_dot_precision(query), SHIFTED_OUT=shifted_out, num_warps=warps,
     )  # fmt: skip
     d_zk = partials.view(batch, heads, chunks, block_d, block_dv + 1).sum((0, 2))
     return grad_q, grad_o, third, d_zk[:, :head_dim, :value_dim], d_zk[:, :head_dim, block_dv]

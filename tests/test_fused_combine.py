@@ -275,3 +275,14 @@ def test_triton_kernels_match_the_reference_in_the_interpreter():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert proc.stdout.count("ok") == len(TRITON_CASES) + 3
+
+
+def test_tf32_products_only_for_half_precision_on_gpus_that_have_them():
+    from peft_ntk.triton_combine import _dot_precision
+
+    assert _dot_precision(torch.zeros(1)) == "ieee"
+    assert _dot_precision(torch.zeros(1, dtype=torch.bfloat16)) == "ieee"  # CPU (Triton's interpreter): no TF32
+    if torch.cuda.is_available():
+        has_tf32 = torch.version.cuda is not None and torch.cuda.get_device_capability()[0] >= 8
+        assert _dot_precision(torch.zeros(1, dtype=torch.bfloat16, device="cuda")) == ("tf32" if has_tf32 else "ieee")
+        assert _dot_precision(torch.zeros(1, device="cuda")) == "ieee"
