@@ -192,7 +192,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def _cuda_kernel_for(
-    query: torch.Tensor, head_dim: int, has_bias: bool, *, room_for_channel: bool = True
+    query: torch.Tensor, head_dim: int, has_bias: bool, *, room_for_channel: bool = True, grouped: bool = False
 ) -> Optional[FusedKernel]:
     """The kernel torch's own SDPA would pick for these inputs (cuDNN, flash or memory-efficient), or None.
 
@@ -200,7 +200,9 @@ def _cuda_kernel_for(
     ``torch.nn.attention.sdpa_kernel`` / ``torch.backends.cuda.enable_*_sdp`` settings) makes the NTK layers run the
     same attention kernel as the frozen base model. With ``room_for_channel`` the kernel must also take one more head
     channel (the "channel" LSE-gradient form); a kernel that cannot is replaced by the memory-efficient one, which
-    takes any width. Decided on a small probe of the padded width, cached per device, dtype, width, mask and flags.
+    takes any width. ``grouped``: fewer key/value heads than query heads (torch's choice then also says whether the
+    kernel takes them as they are). Decided on a small probe of the padded width, cached per device, dtype, width,
+    mask, decode, grouping and flags.
     """
     flags = (
         torch.backends.cuda.flash_sdp_enabled(),
@@ -210,24 +212,31 @@ def _cuda_kernel_for(
     )
     decode = query.shape[2] == 1
     return _cuda_kernel_cached(
-        query.device, query.dtype, _round_up(head_dim, 8), has_bias, decode, room_for_channel, flags
+        query.device, query.dtype, _round_up(head_dim, 8), has_bias, decode, room_for_channel, grouped, flags
     )
 
 
 @functools.lru_cache(maxsize=64)
-def _cuda_kernel_cached(device, dtype, width, has_bias, decode, room_for_channel, flags) -> Optional[FusedKernel]:
+def _cuda_kernel_cached(
+    device, dtype, width, has_bias, decode, room_for_channel, grouped, flags
+) -> Optional[FusedKernel]:
     from torch.backends.cuda import SDPAParams, can_use_cudnn_attention, can_use_efficient_attention
 
     if dtype not in _CUDA_DTYPES:
         return None
 
-    def probe(w: int, length: int = 128) -> torch.Tensor:
-        return torch.zeros((1, 1, length, w), dtype=dtype, device=device)
+    def probe(w: int, length: int = 128, heads: int = 1) -> torch.Tensor:
+        return torch.zeros((1, heads, length, w), dtype=dtype, device=device)
 
-    q_len = 1 if decode else 128
+    q_len, q_heads = (1 if decode else 128), (2 if grouped else 1)
     mask = torch.zeros((1, 1, q_len, 128), dtype=dtype, device=device) if has_bias else None
+    args = (probe(width, q_len, q_heads), probe(width), probe(width), mask)
     try:
-        kernel = _SDPA_BACKENDS.get(torch._fused_sdp_choice(probe(width, q_len), probe(width), probe(width), mask))
+        try:
+            choice = torch._fused_sdp_choice(*args, enable_gqa=grouped)
+        except TypeError:  # torch < 2.5: no grouped-query heads in SDPA; our adapters then get K/V expanded
+            choice = torch._fused_sdp_choice(*args) if not grouped else 2
+        kernel = _SDPA_BACKENDS.get(choice)
     except RuntimeError:  # no fused backend at all for these inputs (torch would use its math path)
         kernel = None
     if kernel is not None and kernel.supports_bias is False and has_bias:
@@ -375,7 +384,9 @@ def select_kernel(
         raise ValueError(f"no fused attention kernel for this call: {reason}")
     if query.device.type == "cpu":
         return CPU_FLASH
-    kernel = _cuda_kernel_for(query, max(query.shape[-1], value.shape[-1]), has_bias, room_for_channel=room_for_channel)
+    grouped = value.shape[1] != query.shape[1]
+    width = max(query.shape[-1], value.shape[-1])
+    kernel = _cuda_kernel_for(query, width, has_bias, room_for_channel=room_for_channel, grouped=grouped)
     if kernel is None:
         raise ValueError(
             f"no fused CUDA attention kernel (cuDNN, flash, memory-efficient) accepts {query.dtype} queries of head size "

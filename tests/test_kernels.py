@@ -442,3 +442,34 @@ def test_cuda_float64_has_a_named_reason():
     assert "float16, bfloat16 or float32" in reason
     reason = peft_ntk.kernels.fused_path_unavailable_reason(torch.zeros(1, device="meta"), 0.0, False)
     assert "no fused kernel" in reason and "meta" in reason
+
+
+def test_cuda_kernel_follows_torchs_choice_including_grouped_heads(monkeypatch):
+    """The CUDA kernel is the one torch's SDPA picks (asked with the call's grouping and decode shape); where torch
+    would use its math path, or where a kernel lacks room for the LSE channel, the memory-efficient one serves."""
+    import torch.backends.cuda as cuda_backends
+
+    calls = []
+
+    def fake_choice(query, key, value, mask=None, *args, enable_gqa=False):
+        calls.append((tuple(query.shape), tuple(key.shape), mask is not None, enable_gqa))
+        return answer
+
+    monkeypatch.setattr(torch, "_fused_sdp_choice", fake_choice)
+    monkeypatch.setattr(cuda_backends, "can_use_efficient_attention", lambda params: True)
+    monkeypatch.setattr(cuda_backends, "can_use_cudnn_attention", lambda params: params.query.shape[-1] <= 128)
+    select = peft_ntk.kernels._cuda_kernel_cached.__wrapped__  # uncached; probes go to the CPU here
+    cpu, bf16, flags = torch.device("cpu"), torch.bfloat16, (True, True, True, True)
+    answer = 3
+    assert select(cpu, bf16, 64, False, False, False, True, flags) is peft_ntk.kernels.CUDA_CUDNN
+    assert calls[-1] == ((1, 2, 128, 64), (1, 1, 128, 64), False, True)
+    assert select(cpu, bf16, 64, False, True, False, False, flags) is peft_ntk.kernels.CUDA_CUDNN
+    assert calls[-1] == ((1, 1, 1, 64), (1, 1, 128, 64), False, False)  # decode: one query
+    assert select(cpu, bf16, 128, False, False, True, False, flags) is peft_ntk.kernels.CUDA_EFFICIENT  # no room
+    answer = 1
+    assert select(cpu, bf16, 64, False, False, True, False, flags) is peft_ntk.kernels.CUDA_FLASH
+    assert select(cpu, bf16, 256, False, False, True, False, flags) is peft_ntk.kernels.CUDA_EFFICIENT
+    assert select(cpu, bf16, 64, True, False, True, False, flags) is peft_ntk.kernels.CUDA_EFFICIENT  # a mask
+    answer = 0  # torch's math path
+    assert select(cpu, bf16, 64, False, False, True, True, flags) is peft_ntk.kernels.CUDA_EFFICIENT
+    assert select(cpu, torch.float64, 64, False, False, True, False, flags) is None
