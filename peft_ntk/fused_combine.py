@@ -24,7 +24,9 @@ from typing import Optional, Union
 
 import torch
 
-from .feature_maps import FeatureMap, feature_map_and_log_scale
+from .feature_maps import FeatureMap, elu_feature_map, feature_map_and_log_scale, get_feature_map, relu_feature_map
+
+_STATELESS_MAPS = (elu_feature_map, relu_feature_map)
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -96,7 +98,9 @@ class _PrefixCombine(torch.autograd.Function):
 def feature_map_has_trainable_state(feature_map: Union[str, FeatureMap], query: torch.Tensor) -> bool:
     """Whether ``phi`` depends on a tensor that requires grad besides the query (a learned map): the Function
     differentiates the recomputed map with respect to the query only, so such a map must take the autograd path.
-    Decided on one query row."""
+    Decided on one query row; the built-in elu and relu maps hold none (no probe)."""
+    if isinstance(feature_map, str) and get_feature_map(feature_map) in _STATELESS_MAPS:
+        return False
     probe = query.detach().reshape(-1, query.shape[-1])[:1].to(_work_dtype(query.dtype))
     with torch.enable_grad():
         phi, log_scale = feature_map_and_log_scale(feature_map, probe)
