@@ -166,19 +166,20 @@ class _TritonNTKAttention(torch.autograd.Function):
     def forward(ctx, query, key, value, z, k, is_causal: bool, scale: float, kernel, feature_code: int, out_dtype):
         attn_out, lse, state = kernel.forward(query, key, value, None, is_causal, scale)
         (attn_out,) = _last_dim_contiguous(attn_out)
+        from .kernels import _save_state  # kernels imports this module
+
         out, zk, stats = _combine_forward(attn_out, lse, query, z, k, feature_code, out_dtype)
-        tensors = [x for x in state if isinstance(x, torch.Tensor)]
-        ctx.state_layout = [None if isinstance(x, torch.Tensor) else ("value", x) for x in state]
-        ctx.save_for_backward(query, key, value, attn_out, zk, stats, *tensors)
+        ctx.save_for_backward(query, key, value, attn_out, zk, stats, *_save_state(ctx, state))
         ctx.is_causal, ctx.scale, ctx.kernel, ctx.feature_code = is_causal, scale, kernel, feature_code
         ctx.z_dtype, ctx.k_dtype = z.dtype, k.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad):
+        from .kernels import _load_state
+
         query, key, value, attn_out, zk, stats, *tensors = ctx.saved_tensors
-        it = iter(tensors)
-        state = tuple(next(it) if slot is None else slot[1] for slot in ctx.state_layout)
+        state = _load_state(ctx, tuple(tensors))
         grad_q, grad_o, shifted_out, grad_z, grad_k = _combine_backward(
             grad, attn_out, query, zk, stats, ctx.feature_code, shifted_out=True
         )

@@ -1,11 +1,10 @@
 """TokenSampler (rankgen_logits/sampling.py) against transformers' own warpers + softmax, the reference op."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from test_benchmarks import _load  # loads a benchmarks/ module by file
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinPLogitsWarper,
@@ -208,15 +207,7 @@ def test_bad_initial_candidates(value):
 # --- device→host synchronisations (each one drains a GPU's queue; counted here on CPU)
 
 
-def _load_benchmark_module(name: str):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-SyncCounter = _load_benchmark_module("host_reads").SyncCounter  # also what benchmarks/profile_rankgen_loop.py counts
+SyncCounter = _load("host_reads").SyncCounter  # also what benchmarks/profile_rankgen_loop.py counts
 
 
 @pytest.mark.parametrize(
