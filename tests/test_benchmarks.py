@@ -114,8 +114,11 @@ def test_quick_rankgen_loop_benchmark_counts_forward_calls(tmp_path):
     for batch in ("1", "8"):
         r = report["results"][batch]
         assert set(r) == set(bench.PEERS)
-        for peer in ("nucleus", "sampling-BxN", "rerank", "beam"):
+        for peer in ("forward-only", "nucleus", "sampling-BxN", "rerank", "beam"):
             assert r[peer]["forward_calls"] == new_tokens, (batch, peer)
+        # the prompts prefilled once (one row each), then B·N rows per prompt for every further token
+        prompts, rows = int(batch), int(batch) * beams * samples
+        assert r["forward-only"]["rows_per_forward_mean"] == (prompts + (new_tokens - 1) * rows) / new_tokens
         assert r["official-style"]["forward_calls"] == int(batch) * beams * new_tokens
         assert r["sampling-BxN"]["rows_per_forward_mean"] == int(batch) * beams * samples
         assert r["beam"]["scorer_calls"] == new_tokens // every and r["rerank"]["scorer_calls"] == 1
@@ -126,6 +129,8 @@ def test_quick_rankgen_loop_benchmark_counts_forward_calls(tmp_path):
         ratios = report["ratios"][batch]
         assert ratios["official_over_beam_forward_calls"] == int(batch) * beams
         assert ratios["beam_over_sampling_BxN_time"] > 0
+        forward_only = r["forward-only"]["seconds"]
+        assert ratios["official_over_forward_only_time"] == r["official-style"]["seconds"] / forward_only
     if importlib.util.find_spec("matplotlib"):
         assert out.with_suffix(".png").stat().st_size > 0
 
