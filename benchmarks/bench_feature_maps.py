@@ -162,9 +162,7 @@ def run(args: argparse.Namespace) -> dict:
     rs = [r for r in (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192) if r <= args.max_r]
     for dataset, data in datasets.items():
         elu = errors_for_map("elu", *data)
-        rows.append(
-            {"data": dataset, "map": "elu", "r": d, "seeds": 1, **elu, "spread": 0.0, "calibrated_spread": 0.0}
-        )
+        rows.append({"data": dataset, "map": "elu", "r": d, "seeds": 1, **elu, "spread": 0.0, "calibrated_spread": 0.0})
         for name, orthogonal in (("favor", True), ("favor-iid", False)):
             for r in rs:
                 results = [
@@ -247,10 +245,23 @@ def plot(report: dict, path: Path) -> Optional[Path]:
         for name in ("favor", "favor-iid"):
             sel = [row for row in rows if row["map"] == name]
             rs = [row["r"] for row in sel]
-            ax.errorbar(rs, [row["relative_error"] for row in sel], yerr=[row["spread"] for row in sel],
-                        marker="o", color=colors[name], label=name, capsize=3)
-            ax.plot(rs, [row["calibrated_relative_error"] for row in sel], marker="x", linestyle="--",
-                    color=colors[name], label=f"{name} + calibration")
+            ax.errorbar(
+                rs,
+                [row["relative_error"] for row in sel],
+                yerr=[row["spread"] for row in sel],
+                marker="o",
+                color=colors[name],
+                label=name,
+                capsize=3,
+            )
+            ax.plot(
+                rs,
+                [row["calibrated_relative_error"] for row in sel],
+                marker="x",
+                linestyle="--",
+                color=colors[name],
+                label=f"{name} + calibration",
+            )
         elu = next(row for row in rows if row["map"] == "elu")
         ax.axhline(elu["relative_error"], color="tab:red", label=f"elu (r = d = {elu['r']})")
         ax.axhline(elu["calibrated_relative_error"], color="tab:red", linestyle="--", label="elu + calibration")

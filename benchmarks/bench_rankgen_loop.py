@@ -206,9 +206,9 @@ def official_style(model, tok, scorer, prompts, gen_kwargs, new_tokens) -> list[
                 if beam["eos"]:
                     candidates.append(beam)
                     continue
-                inputs = tok(
-                    prompt + beam["text"], truncation=True, max_length=limit - chunk, return_tensors="pt"
-                ).to(model.device)
+                inputs = tok(prompt + beam["text"], truncation=True, max_length=limit - chunk, return_tensors="pt").to(
+                    model.device
+                )
                 out = model.generate(
                     **inputs,
                     max_new_tokens=chunk,

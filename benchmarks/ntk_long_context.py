@@ -107,7 +107,9 @@ def pretrained_base(args, tokenizer_texts: list[str], train_texts: list[str]):
     run_args = SimpleNamespace(seed=args.seed, batch_size=16)
     run_dir = Path(args.output_dir) / "pretrain_runs"
     _, seconds = demo.train(model, blocks, run_dir, run_args, args.pretrain_steps, 3e-3)
-    print(f"pretrained {args.layers} layers x hidden {args.hidden_size} for {args.pretrain_steps} steps in {seconds:.0f} s")
+    print(
+        f"pretrained {args.layers} layers x hidden {args.hidden_size} for {args.pretrain_steps} steps in {seconds:.0f} s"
+    )
     model.eval()
     if base_dir is not None:
         model.save_pretrained(base_dir)
@@ -204,8 +206,9 @@ def exact_prefix_model(base, memory_ids: list[int], block_size: int):
 
     reader = ntk_model(base, init_weights=True)
     rows: dict[int, list] = {}
-    with reader.disable_adapter(), capture_attention_inputs(
-        lambda module, q, k, v, s: rows.setdefault(module.layer_idx, []).append((k[0], v[0]))
+    with (
+        reader.disable_adapter(),
+        capture_attention_inputs(lambda module, q, k, v, s: rows.setdefault(module.layer_idx, []).append((k[0], v[0]))),
     ):
         for start in range(0, len(memory_ids), block_size):
             reader(input_ids=torch.tensor([memory_ids[start : start + block_size]]), use_cache=False)
@@ -324,9 +327,7 @@ def run(args: argparse.Namespace) -> dict:
     ppl["finetuned_from_scaled"] = perplexity(scaled, blocks)
 
     torch.manual_seed(args.seed)
-    prefix = get_peft_model(
-        copy.deepcopy(base), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=k_tokens)
-    )
+    prefix = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=k_tokens))
     # The prefix sits in front of the block: its positions count, so train on windows that leave room for it.
     losses["finetuned_prefix"] = finetune(
         prefix, memory_ids, args.finetune_steps, args.prefix_lr, args.block_size - k_tokens, args.seed
@@ -380,7 +381,11 @@ def run(args: argparse.Namespace) -> dict:
             "block_tokens": eval_block,
             "scored_tokens": n_blocks * (eval_block - 1),
         },
-        "equal_memory": {"k_tokens": k_tokens, "kv_numbers_per_layer": kv_numbers, "ntk_numbers_per_layer": ntk_numbers},
+        "equal_memory": {
+            "k_tokens": k_tokens,
+            "kv_numbers_per_layer": kv_numbers,
+            "ntk_numbers_per_layer": ntk_numbers,
+        },
         "perplexity": ppl,
         "init_from_text": extra,
         "finetune": {
@@ -462,7 +467,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small everything, < 3 min (used by the tests)")
     parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--base-dir", default=None, help="load the pretrained base from here, or save it here")
-    parser.add_argument("--module", default=None, help="the document: docstrings of this module (typing; quick logging)")
+    parser.add_argument(
+        "--module", default=None, help="the document: docstrings of this module (typing; quick logging)"
+    )
     parser.add_argument("--memory-tokens", type=int, default=None, help="tokens compressed (6144; quick 1024)")
     parser.add_argument("--eval-tokens", type=int, default=None, help="continuation tokens scored (2048; quick 384)")
     parser.add_argument("--block-size", type=int, default=None, help="context window (128; quick 64)")
@@ -473,17 +480,39 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--finetune-steps", type=int, default=None, help="adapter training steps (150; quick 30)")
     parser.add_argument("--finetune-lr", type=float, default=5e-2, help="NTK learning rate (the demo's)")
     parser.add_argument("--prefix-lr", type=float, default=1e-2, help="prefix-tuning learning rate")
-    parser.add_argument("--convert-r", type=int, default=None, help="FAVOR+ features for the conversion (1024; quick 256)")
+    parser.add_argument(
+        "--convert-r", type=int, default=None, help="FAVOR+ features for the conversion (1024; quick 256)"
+    )
     parser.add_argument("--val-tokens", type=int, default=None, help="held-back memory tokens (512; quick 128)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     defaults = (
-        dict(module="logging", memory_tokens=1024, eval_tokens=384, block_size=64, layers=2, vocab_size=512,
-             pretrain_steps=300, finetune_steps=30, convert_r=256, val_tokens=128)
+        dict(
+            module="logging",
+            memory_tokens=1024,
+            eval_tokens=384,
+            block_size=64,
+            layers=2,
+            vocab_size=512,
+            pretrain_steps=300,
+            finetune_steps=30,
+            convert_r=256,
+            val_tokens=128,
+        )
         if args.quick
-        else dict(module="typing", memory_tokens=6144, eval_tokens=2048, block_size=128, layers=4, vocab_size=768,
-                  pretrain_steps=800, finetune_steps=150, convert_r=1024, val_tokens=512)
+        else dict(
+            module="typing",
+            memory_tokens=6144,
+            eval_tokens=2048,
+            block_size=128,
+            layers=4,
+            vocab_size=768,
+            pretrain_steps=800,
+            finetune_steps=150,
+            convert_r=1024,
+            val_tokens=512,
+        )
     )
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -506,7 +535,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     stem = "ntk_long_context_quick" if args.quick else "ntk_long_context"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     png = plot(report, out / f"{stem}.png")
-    print(f"wrote {out / f'{stem}.json'}" + (f" and {png}" if png else "") + f"; total {report['timings_s']['total_s']} s")
+    print(
+        f"wrote {out / f'{stem}.json'}" + (f" and {png}" if png else "") + f"; total {report['timings_s']['total_s']} s"
+    )
     return report
 
 

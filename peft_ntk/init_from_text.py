@@ -401,4 +401,3 @@ class _all_layers_disabled:
     def __exit__(self, *exc) -> None:
         for layer, previous in zip(self.layers, self.previous):
             layer.enable_adapters(not previous)
-

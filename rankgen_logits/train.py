@@ -90,7 +90,11 @@ def rankgen_contrastive_loss(
 
     ```
     """
-    if prefix_vectors.dim() != 2 or candidate_vectors.dim() != 2 or prefix_vectors.shape[1] != candidate_vectors.shape[1]:
+    if (
+        prefix_vectors.dim() != 2
+        or candidate_vectors.dim() != 2
+        or prefix_vectors.shape[1] != candidate_vectors.shape[1]
+    ):
         raise ValueError(
             f"Expected prefix vectors (P, d) and candidate vectors (C, d) of the same d, got "
             f"{tuple(prefix_vectors.shape)} and {tuple(candidate_vectors.shape)}"
@@ -286,8 +290,10 @@ class PooledEncoderScorer(nn.Module):
         with open(os.path.join(directory, "pooled_scorer.json"), "w", encoding="utf-8") as f:
             json.dump(self._settings(), f, indent=2)
         if self.projection is not None:
-            save_file({"weight": self.projection.weight.detach().contiguous().cpu()},
-                      os.path.join(directory, "projection.safetensors"))
+            save_file(
+                {"weight": self.projection.weight.detach().contiguous().cpu()},
+                os.path.join(directory, "projection.safetensors"),
+            )
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **kwargs) -> PooledEncoderScorer:
@@ -296,7 +302,9 @@ class PooledEncoderScorer(nn.Module):
 
         with open(os.path.join(directory, "pooled_scorer.json"), encoding="utf-8") as f:
             settings = json.load(f)
-        scorer = cls(AutoModel.from_pretrained(directory, **kwargs), AutoTokenizer.from_pretrained(directory), **settings)
+        scorer = cls(
+            AutoModel.from_pretrained(directory, **kwargs), AutoTokenizer.from_pretrained(directory), **settings
+        )
         if scorer.projection is not None:
             scorer.projection.load_state_dict(load_file(os.path.join(directory, "projection.safetensors")))
         return scorer
@@ -347,8 +355,9 @@ class RankGenTrainer(Trainer):
             )
         p = int(inputs["num_prefixes"].flatten()[0])
         gold = inputs["gold_index"]
-        return rankgen_contrastive_loss(vectors[:p], vectors[p:], gold), (vectors[:p].detach().float()
-                                                                          @ vectors[p:].detach().float().T)
+        return rankgen_contrastive_loss(vectors[:p], vectors[p:], gold), (
+            vectors[:p].detach().float() @ vectors[p:].detach().float().T
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, logits = self._embed_and_score(model, inputs)
@@ -473,7 +482,14 @@ def train_rankgen(
 
 
 QUICK_T5 = dict(
-    d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0
+    d_model=64,
+    d_ff=128,
+    d_kv=16,
+    num_layers=2,
+    num_heads=4,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,
+    dropout_rate=0.0,
 )
 
 
@@ -528,7 +544,9 @@ def _load_data(script: ScriptArguments):
         suffix = path.rsplit(".", 1)[-1].lower()
         builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet", "txt": "text"}.get(suffix)
         if builder is None:
-            raise ValueError(f"--dataset_path {path!r}: expected a save_to_disk folder or a json/jsonl/csv/parquet/txt file")
+            raise ValueError(
+                f"--dataset_path {path!r}: expected a save_to_disk folder or a json/jsonl/csv/parquet/txt file"
+            )
         return datasets.load_dataset(builder, data_files=path, split="train")
     if script.dataset_name:
         return datasets.load_dataset(script.dataset_name, script.dataset_config, split=script.split)
@@ -545,7 +563,9 @@ def _quick_tokenizer(texts: list[str]):
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     lines = [" ".join(re.findall(r"\w+|[^\w\s]", t.lower())) for t in texts] + ["pre suffi"]
-    backend.train_from_iterator(lines, trainers.WordLevelTrainer(vocab_size=4000, special_tokens=["<pad>", "</s>", "<unk>"]))
+    backend.train_from_iterator(
+        lines, trainers.WordLevelTrainer(vocab_size=4000, special_tokens=["<pad>", "</s>", "<unk>"])
+    )
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
@@ -578,10 +598,32 @@ def main(argv: list[str] | None = None) -> RankGenTrainer:
     parser = HfArgumentParser((ScriptArguments, RankGenTrainingConfig, TrainingArguments))
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--quick" in argv:  # small, fast defaults that explicit flags still override
-        defaults = ["--max_steps", "30", "--per_device_train_batch_size", "8", "--learning_rate", "3e-3",
-                    "--prefix_words", "32", "--continuation_words", "16", "--num_document_negatives", "2",
-                    "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
-                    "--eval_fraction", "0.1", "--eval_strategy", "no"]
+        defaults = [
+            "--max_steps",
+            "30",
+            "--per_device_train_batch_size",
+            "8",
+            "--learning_rate",
+            "3e-3",
+            "--prefix_words",
+            "32",
+            "--continuation_words",
+            "16",
+            "--num_document_negatives",
+            "2",
+            "--logging_steps",
+            "10",
+            "--save_strategy",
+            "no",
+            "--report_to",
+            "none",
+            "--use_cpu",
+            "true",
+            "--eval_fraction",
+            "0.1",
+            "--eval_strategy",
+            "no",
+        ]
         given = {a.split("=")[0] for a in argv if a.startswith("--")}
         for flag, value in zip(defaults[::2], defaults[1::2]):
             if flag not in given:
@@ -614,7 +656,9 @@ def main(argv: list[str] | None = None) -> RankGenTrainer:
     )
     if eval_data is not None:
         metrics = trainer.evaluate()
-        print("eval metrics: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+        print(
+            "eval metrics: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+        )
     trainer.save_model(os.path.join(args.output_dir, "final"))
     print(f"saved the trained scorer to {os.path.join(args.output_dir, 'final')}")
     return trainer

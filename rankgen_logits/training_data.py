@@ -67,8 +67,10 @@ class PairConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"PairConfig.{name} must be a positive integer, got {value!r}.")
-        if isinstance(self.num_document_negatives, bool) or not isinstance(self.num_document_negatives, int) or (
-            self.num_document_negatives < 0
+        if (
+            isinstance(self.num_document_negatives, bool)
+            or not isinstance(self.num_document_negatives, int)
+            or (self.num_document_negatives < 0)
         ):
             raise ValueError(
                 f"PairConfig.num_document_negatives must be a non-negative integer, got {self.num_document_negatives!r}."

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The test suite: sets up ./.venv, lints, then runs pytest (CPU, offline). Extra arguments go to pytest.
+# The test suite: sets up ./.venv, lints and checks formatting, then runs pytest (CPU, offline). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . "${VENV:-.venv}/bin/activate"
 ruff check .
+ruff format --check .  # the formatter's style is pinned with ruff's minor version (dev extra)
 python -m pytest -q -p no:cacheprovider "$@"

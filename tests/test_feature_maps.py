@@ -229,7 +229,9 @@ def test_favor_adapter_saves_loads_and_gives_identical_outputs(tmp_path):
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")
     layer = model.base_model.model.model.layers[0].self_attn
-    assert torch.equal(saved["base_model.model.model.layers.0.self_attn.ntk_projection"], layer.ntk_projection["default"])
+    assert torch.equal(
+        saved["base_model.model.model.layers.0.self_attn.ntk_projection"], layer.ntk_projection["default"]
+    )
     # A different seed in the config must not matter: the saved projection is the source of truth.
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     config["feature_seed"] = 12345

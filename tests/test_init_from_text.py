@@ -105,8 +105,10 @@ def reference_keys_values(model: LlamaForCausalLM, ids: list[int], chunk: int):
 
 def layer_states(model, adapter="default"):
     layers = model.base_model.model.model.layers
-    return [(layer.self_attn.ntk_z[adapter].detach().clone(), layer.self_attn.ntk_k[adapter].detach().clone())
-            for layer in layers]
+    return [
+        (layer.self_attn.ntk_z[adapter].detach().clone(), layer.self_attn.ntk_k[adapter].detach().clone())
+        for layer in layers
+    ]
 
 
 @pytest.mark.parametrize("feature_map", ["elu", "favor"])
@@ -196,8 +198,9 @@ def test_calibration_rescales_each_head_and_closes_the_mass_gap(tok, long_text, 
         assert torch.allclose(k_cal, k_raw * alpha[:, None], rtol=1e-4)
         assert not torch.allclose(alpha, torch.ones_like(alpha), rtol=0.05)  # elu's mass is far from exp's
         assert after < before
-    assert all(s == 1.0 for layer in init_from_text(model, tok, long_text, progress=False).calibration_scales
-               for s in layer)
+    assert all(
+        s == 1.0 for layer in init_from_text(model, tok, long_text, progress=False).calibration_scales for s in layer
+    )
 
 
 def test_perplexity_calibration_picks_the_best_global_scale(tok, long_text, docs):
@@ -205,9 +208,7 @@ def test_perplexity_calibration_picks_the_best_global_scale(tok, long_text, docs
     init_from_text(model, tok, long_text, progress=False)
     raw = layer_states(model)
     held_out = docs[60]
-    report = init_from_text(
-        model, tok, long_text, calibrate="perplexity", calibration_text=held_out, progress=False
-    )
+    report = init_from_text(model, tok, long_text, calibrate="perplexity", calibration_text=held_out, progress=False)
     scales = [scale for scale, _ in report.calibration_curve]
     assert len(scales) == 19 and scales[0] == pytest.approx(1e-8) and scales[-1] == pytest.approx(10.0)
     best, best_ppl = min(report.calibration_curve, key=lambda point: point[1])
@@ -270,5 +271,10 @@ def test_long_context_experiment_quick(tmp_path):
     ppl = data["perplexity"]
     assert all(math.isfinite(v) and v > 1 for v in ppl.values()), ppl
     expected = {"none", "last_k", "exact_prefix", "ntk_elu", "ntk_elu_calibrated", "ntk_elu_scaled", "ntk_favor"}
-    assert expected | {"finetuned_from_text", "finetuned_from_scaled", "finetuned_from_random", "finetuned_prefix"} <= set(ppl)
+    assert expected | {
+        "finetuned_from_text",
+        "finetuned_from_scaled",
+        "finetuned_from_random",
+        "finetuned_prefix",
+    } <= set(ppl)
     assert data["init_from_text"]["ntk_elu_scaled"]["scale_curve"]

@@ -147,8 +147,16 @@ def test_score_pairs_encodes_each_prefix_once():
 
 def tiny_bert(tok) -> BertModel:
     torch.manual_seed(0)
-    return BertModel(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=32, max_position_embeddings=64)).eval()
+    return BertModel(
+        BertConfig(
+            vocab_size=len(tok),
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=64,
+        )
+    ).eval()
 
 
 def test_featurize_mean_and_last_pooling_match_manual(tok):

@@ -59,8 +59,17 @@ def tiny_scorer(tok, seed: int = 0) -> RankGenScorer:
 
 def args_for(output_dir, **overrides) -> TrainingArguments:
     kwargs = dict(
-        output_dir=str(output_dir), use_cpu=True, report_to=[], seed=0, data_seed=0, dataloader_num_workers=0,
-        per_device_train_batch_size=8, learning_rate=3e-4, logging_steps=1, save_strategy="no", disable_tqdm=True,
+        output_dir=str(output_dir),
+        use_cpu=True,
+        report_to=[],
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        per_device_train_batch_size=8,
+        learning_rate=3e-4,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
@@ -98,8 +107,8 @@ def test_loss_and_gradients_match_float64_reference():
     torch.testing.assert_close(p.grad, p2.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(c.grad, c2.grad, rtol=1e-10, atol=1e-12)
     assert torch.autograd.gradcheck(
-        lambda a, b: rankgen_contrastive_loss(a, b, torch.tensor(gold)), (p.detach().requires_grad_(),
-                                                                          c.detach().requires_grad_())
+        lambda a, b: rankgen_contrastive_loss(a, b, torch.tensor(gold)),
+        (p.detach().requires_grad_(), c.detach().requires_grad_()),
     )
     # large logits (no temperature) stay finite
     big = rankgen_contrastive_loss(p.detach() * 1e3, c.detach() * 1e3, torch.tensor(gold))
@@ -113,7 +122,9 @@ def test_loss_under_bf16_autocast_uses_float32_logits():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = rankgen_contrastive_loss(p, c, gold)
     assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss.double(), reference_loss(p.double(), c.double(), gold.tolist()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        loss.double(), reference_loss(p.double(), c.double(), gold.tolist()), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_loss_rejects_bad_shapes():
@@ -129,8 +140,10 @@ def test_loss_rejects_bad_shapes():
 
 def test_make_pairs_cuts_prefix_gold_and_disjoint_negatives():
     doc = " ".join(f"w{i}" for i in range(100))
-    rows = make_pairs([doc, "too short"], PairConfig(prefix_words=10, continuation_words=5, num_document_negatives=4,
-                                                     pairs_per_document=3, seed=3))
+    rows = make_pairs(
+        [doc, "too short"],
+        PairConfig(prefix_words=10, continuation_words=5, num_document_negatives=4, pairs_per_document=3, seed=3),
+    )
     assert len(rows) == 3  # the short document is skipped
     for row in rows:
         prefix, gold = row["prefix"].split(), row["continuation"].split()
@@ -166,8 +179,17 @@ def test_collator_layout(tok):
     collate = RankGenCollator(tok, max_prefix_tokens=3, max_suffix_tokens=64)
     batch = collate(rows)
     texts = [tok.decode(ids[mask.bool()]) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
-    assert texts == ["pre the class", "pre import </s>", "suffi is a type </s>", "suffi the module </s>",
-                     "suffi a b </s>", "suffi c d </s>", "suffi x </s>", "suffi e </s>", "suffi y z </s>"]
+    assert texts == [
+        "pre the class",
+        "pre import </s>",
+        "suffi is a type </s>",
+        "suffi the module </s>",
+        "suffi a b </s>",
+        "suffi c d </s>",
+        "suffi x </s>",
+        "suffi e </s>",
+        "suffi y z </s>",
+    ]
     assert batch["num_prefixes"].tolist() == [2] and batch["gold_index"].tolist() == [0, 1]
     # right padding: position 0 is always a real token
     assert bool(batch["attention_mask"][:, 0].all())
@@ -219,8 +241,13 @@ def test_training_improves_heldout_identification(tok, tmp_path):
     heldout = topic_documents(tok, 60, seed=1)
     before = other_document_accuracy(scorer, heldout)
     config = RankGenTrainingConfig(pairs_per_document=2, **PAIRS)
-    trainer = train_rankgen(scorer, topic_documents(tok, 80, seed=0), args_for(tmp_path, max_steps=60, logging_steps=20),
-                            config, eval_data=heldout)
+    trainer = train_rankgen(
+        scorer,
+        topic_documents(tok, 80, seed=0),
+        args_for(tmp_path, max_steps=60, logging_steps=20),
+        config,
+        eval_data=heldout,
+    )
     after = other_document_accuracy(scorer, heldout)
     # 2-way choices on held-out documents, chance 0.5
     assert before < 0.75 and after >= 0.9, (before, after)
@@ -243,8 +270,13 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tok, tmp_path):
     assert (tmp_path / "full" / "checkpoint-2" / "tokenizer.json").exists()
 
     resumed = tiny_scorer(tok, seed=123)  # different init: only the checkpoint can bring it to `final`
-    trainer = train_rankgen(resumed, data, args_for(tmp_path / "resumed", **overrides), config,
-                            resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    trainer = train_rankgen(
+        resumed,
+        data,
+        args_for(tmp_path / "resumed", **overrides),
+        config,
+        resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"),
+    )
     assert trainer.state.global_step == 4
     got = weights(resumed)
     for name in final:
@@ -258,7 +290,9 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tok, tmp_path):
 def test_bf16_mixed_precision_trains(tok, tmp_path):
     scorer = tiny_scorer(tok)
     before = weights(scorer)
-    trainer = train_rankgen(scorer, TRAIN_DOCS[:30], args_for(tmp_path, max_steps=3, bf16=True), RankGenTrainingConfig(**PAIRS))
+    trainer = train_rankgen(
+        scorer, TRAIN_DOCS[:30], args_for(tmp_path, max_steps=3, bf16=True), RankGenTrainingConfig(**PAIRS)
+    )
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert losses and all(torch.isfinite(torch.tensor(loss)) for loss in losses)
     assert scorer.projection.weight.dtype == torch.float32
@@ -267,9 +301,19 @@ def test_bf16_mixed_precision_trains(tok, tmp_path):
 
 def test_generated_negatives_from_a_causal_lm(tok):
     torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)).eval()
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    ).eval()
     pairs = as_pairs_dataset(TRAIN_DOCS[:6], PairConfig(**PAIRS))
     side = tok.padding_side
     out = add_generated_negatives(pairs, lm, tok, num_negatives=2, batch_size=4, seed=0)
@@ -302,16 +346,29 @@ def test_push_to_hub_pushes_the_trained_scorer(tok, tmp_path, monkeypatch):
 
 def tiny_bert(tok, seed: int = 0) -> BertModel:
     torch.manual_seed(seed)
-    return BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id))
+    return BertModel(
+        BertConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
 
 
 def test_any_encoder_trains_saves_and_scores(tok, tmp_path):
     scorer = PooledEncoderScorer(tiny_bert(tok), tok, pooling="mean", projection_dim=16, max_suffix_tokens=12)
     collate = RankGenTrainingConfig().collator(scorer, tok)  # budgets from the encoder: 128 positions, 12 suffix tokens
     assert (collate.max_prefix_tokens, collate.max_suffix_tokens) == (128, 12)
-    trainer = train_rankgen(scorer, TRAIN_DOCS[:30], args_for(tmp_path / "run", max_steps=20, learning_rate=1e-3,
-                                                                logging_steps=5), RankGenTrainingConfig(**PAIRS))
+    trainer = train_rankgen(
+        scorer,
+        TRAIN_DOCS[:30],
+        args_for(tmp_path / "run", max_steps=20, learning_rate=1e-3, logging_steps=5),
+        RankGenTrainingConfig(**PAIRS),
+    )
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert losses[-1] < losses[0]
     scorer.eval()
@@ -325,8 +382,13 @@ def test_any_encoder_trains_saves_and_scores(tok, tmp_path):
 
 def test_encoder_with_the_wrong_output_gets_a_clear_error(tok, tmp_path):
     with pytest.raises(TypeError, match="one vector per row.*PooledEncoderScorer"):
-        train_rankgen(tiny_bert(tok), TRAIN_DOCS[:10], args_for(tmp_path, max_steps=1), RankGenTrainingConfig(**PAIRS),
-                      tokenizer=tok)
+        train_rankgen(
+            tiny_bert(tok),
+            TRAIN_DOCS[:10],
+            args_for(tmp_path, max_steps=1),
+            RankGenTrainingConfig(**PAIRS),
+            tokenizer=tok,
+        )
     with pytest.raises(ValueError, match="tokenizer"):
         train_rankgen(tiny_bert(tok), TRAIN_DOCS[:10], args_for(tmp_path, max_steps=1), RankGenTrainingConfig(**PAIRS))
 

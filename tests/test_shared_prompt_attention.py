@@ -24,6 +24,7 @@ from rankgen_logits.shared_prompt import (
 # transformers 5.24 names the forward's cache argument `cache`; 5.17 calls it `past_key_values`
 _CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
+
 def _reference(query, prompt_keys, prompt_values, prompt_mask, row_prompt, keys, values, scale):
     """Plain attention of every row's query over [its prompt (padding masked); its continuation (causal)]."""
     rows, heads, q, _ = query.shape

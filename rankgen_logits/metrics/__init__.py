@@ -68,7 +68,9 @@ def resolve_scorer(scorer: Any, tokenizer: Any = None) -> Any:
     )
 
 
-def score_pairs(scorer: Any, prefixes: Sequence[str], continuations: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+def score_pairs(
+    scorer: Any, prefixes: Sequence[str], continuations: Sequence[str], batch_size: int = 32
+) -> torch.Tensor:
     """Scores ``(n,)`` (float32, CPU) of ``continuations[i]`` given ``prefixes[i]``; each prefix is encoded once."""
     prefixes, continuations = list(prefixes), list(continuations)
     if len(prefixes) != len(continuations):
