@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import os
 import platform
@@ -381,9 +382,13 @@ def _measure_inference(model, ids, task: dict[str, Any], sync) -> dict[str, Any]
             out["infer_peak_mib"] = (torch.cuda.max_memory_allocated() - resting) / 2**20
         cache = model(input_ids=ids, use_cache=True).past_key_values
         token = ids[:, -1:]
+        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns, and goes in 5.40);
+        # a PEFT model passes either on, so ask the base model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        cache_kwarg = {("cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"): cache}
 
         def decode() -> None:
-            model(input_ids=token, past_key_values=cache, use_cache=True)
+            model(input_ids=token, use_cache=True, **cache_kwarg)
 
         out["decode_ms"], out["decode_ms_all"] = _median_time(decode, task["warmup"], task["steps"], sync)
     model.train()

@@ -48,6 +48,7 @@ Writes ``benchmarks/results/rankgen_loop_{device}.json`` and ``.png``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import statistics
@@ -243,9 +244,11 @@ def forward_only(model, tok, scorer, prompts, gen_kwargs, new_tokens) -> list[st
     cache.batch_repeat_interleave(rows)
     mask = inputs["attention_mask"].repeat_interleave(rows, 0)
     token = out.logits[:, -1].argmax(-1).repeat_interleave(rows)[:, None]
+    # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns, and goes in 5.40)
+    cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     for _ in range(new_tokens - 1):
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-        out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=token, attention_mask=mask, use_cache=True, logits_to_keep=1, **{cache_kwarg: cache})
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     return [""] * len(prompts)
 
