@@ -10,9 +10,10 @@ than a trained one when it is small, which makes sampling dearer for every peer.
 tokens; the scorer is a cheap fake (how often the letter "e" appears), so the numbers are the cost of the *decoding
 loop*, not of a scorer.
 
-* ``forward-only``: not a decoder, only the model forwards RankGen's B·N rows need (each prompt prefilled once, then
-  one forward per token for B·N rows per prompt, fed greedy tokens; no sampling, scoring or reordering). The
-  official-style loop's time over it bounds what ANY loop that calls the model's forward can gain over that loop;
+* ``forward-only``: not a decoder, only the model forwards RankGen's B·N rows need, with a cache copied per row as
+  ``generate`` keeps it (each prompt prefilled once, then one forward per token for B·N rows per prompt, fed greedy
+  tokens; no sampling, scoring or reordering). The official-style loop's time over it bounds what any loop that keeps
+  such a cache can gain over that loop (beam's shared-prompt attention goes past it with long prompts);
 * ``nucleus``: ``model.generate(do_sample=True, top_p=0.9)``, one sample per prompt (the baseline RankGen replaces);
 * ``sampling-BxN``: ONE ``generate`` call drawing B·N = 20 samples per prompt (``num_return_sequences=20``): the
   floor for any method that looks at B·N candidates per prompt;
@@ -233,10 +234,10 @@ def official_style(model, tok, scorer, prompts, gen_kwargs, new_tokens) -> list[
 
 @torch.no_grad()
 def forward_only(model, tok, scorer, prompts, gen_kwargs, new_tokens) -> list[str]:
-    """Not a decoder: only the model forwards that an exact RankGen beam search cannot avoid. Each prompt is
-    prefilled once, its cache copied to B·N rows, then one forward per further token feeds every row its greedy
-    token; nothing is sampled, scored or reordered. The official-style loop's time over this one is the most that
-    a loop built on the model's own forward (and a per-row cache) could gain over it."""
+    """Not a decoder: only the model forwards that RankGen's B·N rows need, with a per-row cache as ``generate``
+    keeps it. Each prompt is prefilled once, its cache copied to B·N rows, then one forward per further token feeds
+    every row its greedy token; nothing is sampled, scored or reordered. The official-style loop's time over this one
+    is the most that a loop keeping such a cache could gain over it."""
     inputs = tok(prompts, return_tensors="pt", padding=True).to(model.device)
     rows = BEAMS * SAMPLES
     out = model(**inputs, use_cache=True, logits_to_keep=1)
@@ -325,7 +326,8 @@ def ratios(by_peer: dict) -> dict:
         "official_over_beam_forward_calls": official["forward_calls"] / beam["forward_calls"],
         "beam_over_nucleus_time": beam["seconds"] / by_peer["nucleus"]["seconds"],
         "rerank_over_sampling_BxN_time": by_peer["rerank"]["seconds"] / sampling["seconds"],
-        # the ceiling on official_over_beam_time for any loop whose forwards cost what the model's own do
+        # the ceiling on official_over_beam_time for a loop that keeps a per-row cache (shared-prompt attention
+        # goes past it with long prompts)
         "official_over_forward_only_time": official["seconds"] / by_peer["forward-only"]["seconds"],
         "beam_over_forward_only_time": beam["seconds"] / by_peer["forward-only"]["seconds"],
     }
@@ -486,7 +488,7 @@ def print_table(results, summary, args, device) -> None:
             f"beam / one batched B·N sampling call: {s['beam_over_sampling_BxN_time']:.2f}x (target <= 1.3); "
             f"official-style / beam: {s['official_over_beam_time']:.1f}x time, "
             f"{s['official_over_beam_forward_calls']:.0f}x forward calls (target >= 10x); official-style / "
-            f"forward-only: {s['official_over_forward_only_time']:.1f}x (the most any loop on these forwards can gain)"
+            f"forward-only: {s['official_over_forward_only_time']:.1f}x (the most a loop with a per-row cache can gain)"
         )
 
 
