@@ -135,6 +135,41 @@ def test_quick_rankgen_loop_benchmark_counts_forward_calls(tmp_path):
         assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_official_style_peer_calls_generate_as_the_released_loop_does():
+    """Per prompt, round and beam: one ``generate`` on the re-tokenised prompt + beam text, asking for scores and a
+    dict output as the released ``beam_search`` does."""
+    import torch
+
+    bench = _load("bench_rankgen_loop")
+    tok = bench.build_tokenizer(bench.corpus()[:40], vocab_size=300)
+    model = bench.build_model(tok)
+    calls = []
+    generate = model.generate
+
+    def spy(**kwargs):
+        calls.append({k: v for k, v in kwargs.items() if k != "attention_mask"})
+        return generate(**kwargs)
+
+    model.generate = spy
+
+    class SameScore:
+        def score(self, prefixes, continuations):
+            return torch.zeros(len(continuations))
+
+    no_specials = [tok.pad_token_id, tok.unk_token_id, tok.eos_token_id]  # so that no beam ends early
+    gen_kwargs = {"do_sample": True, "top_p": 0.9, "suppress_tokens": no_specials, "pad_token_id": tok.pad_token_id}
+    torch.manual_seed(0)
+    texts = bench.official_style(model, tok, SameScore(), ["def f(x):", "class A:"], gen_kwargs, 2 * bench.EVERY)
+    assert len(texts) == 2
+    assert len(calls) == 2 * 2 * bench.BEAMS  # prompts x rounds x beams
+    for call in calls:
+        assert call["output_scores"] is True and call["return_dict_in_generate"] is True
+        assert call["num_return_sequences"] == bench.SAMPLES and call["max_new_tokens"] == bench.EVERY
+    # the second round re-feeds the whole prompt plus the surviving beam's 20 tokens (re-tokenised: about as many)
+    first, second = calls[0]["input_ids"].shape[1], calls[bench.BEAMS]["input_ids"].shape[1]
+    assert second > first
+
+
 def test_rankgen_loop_benchmark_presets_vocabulary_and_prompt_cut(tmp_path):
     bench = _load("bench_rankgen_loop")
     args = bench.parse_args(["--preset", "paper", "--hidden=96", "--repeats", "2"])
