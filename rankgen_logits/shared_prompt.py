@@ -276,15 +276,17 @@ def merged_attention(
     if allowed is not None and bool(allowed.all()):
         allowed = None
     out2, lse2 = _attention_with_lse(qg, keys.to(work), values.to(work), allowed, scale)
+    if allowed is not None:
+        # a query that may see none of its continuation has lse -inf, so the merge gives that part no share; the CPU
+        # flash kernel returns 0 there instead (a share of e^0 for a zero output)
+        lse2 = lse2.masked_fill(~allowed.any(-1), -math.inf)
 
-    # merge exactly
-    top = torch.maximum(lse1, lse2)
-    if allowed is not None or c == 0:  # some row may see no key at all: both lse -inf
-        top = top.masked_fill(torch.isinf(top), 0.0)
-    # (else lse2 is finite for finite scores, so top is too; the guard would only turn an overflowing +inf into 0,
-    # which gives NaN all the same)
-    w1, w2 = torch.exp(lse1 - top), torch.exp(lse2 - top)
-    out = (w1.unsqueeze(-1) * out1 + w2.unsqueeze(-1) * out2) / (w1 + w2).unsqueeze(-1)
+    # merge exactly: the continuation's share of the softmax mass is e^lse2 / (e^lse1 + e^lse2) = sigmoid(lse2 - lse1),
+    # and lerp blends with it in one op (three ops a layer where weights, sums and a division took ten: a decode
+    # step is bound by launches on a GPU). The share is exactly 0 or 1 when one part sees no key (lse -inf); a row
+    # that sees no key at all has no attention to give (NaN, as before).
+    share = torch.sigmoid(lse2 - lse1).unsqueeze(-1)
+    out = torch.lerp(out1, out2, share)
     return out.reshape(rows, heads, q, dim).to(query.dtype)
 
 

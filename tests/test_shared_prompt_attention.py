@@ -83,6 +83,35 @@ def test_merge_equals_plain_attention_in_float64(row_prompt, q, cpu_flash, monke
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("cpu_flash", [True, False])
+def test_merge_when_a_row_sees_none_of_its_continuation(cpu_flash, monkeypatch):
+    """A row whose continuation keys are all masked gets attention over its prompt alone, exactly (its continuation
+    part has lse -inf, so the merge gives it no share); the other rows are unchanged."""
+    monkeypatch.setattr(shared_prompt, "CPU_FLASH", cpu_flash)
+    g = torch.Generator().manual_seed(1)
+    prompts, kv_heads, heads, lp, c, dim, q = 2, 2, 4, 6, 4, 8, 1
+    row_prompt = torch.tensor([0, 0, 1, 1])
+    rows = len(row_prompt)
+    pk, pv = (torch.randn(prompts, kv_heads, lp, dim, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.ones(prompts, lp, dtype=torch.bool)
+    mask[1, :2] = False
+    k, v = (torch.randn(rows, kv_heads, c, dim, generator=g, dtype=torch.float64) for _ in range(2))
+    query = torch.randn(rows, heads, q, dim, generator=g, dtype=torch.float64)
+    layer = SharedPromptLayer(pk, pv, mask, capacity=c)
+    layer.reorder_cache(row_prompt)
+    layer.update(k, v)
+
+    allowed = torch.ones(rows, 1, q, c, dtype=torch.bool)
+    allowed[2] = False  # row 2 sees only its prompt
+    out = merged_attention(query, pk, pv, mask, layer.padded_index, layer.rows_per_prompt, k, v, allowed, 0.4)
+    prompt_only = _reference(query, pk, pv, mask, row_prompt, k[:, :, :0], v[:, :, :0], 0.4)
+    full = _reference(query, pk, pv, mask, row_prompt, k, v, 0.4)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[2], prompt_only[2], rtol=1e-12, atol=1e-12)
+    keep = [0, 1, 3]
+    torch.testing.assert_close(out[keep], full[keep], rtol=1e-12, atol=1e-12)
+
+
 def test_model_forward_matches_the_plain_cache(tok):  # noqa: F811
     """One decode step of a real model through the shared layers equals the step through a repeated plain cache."""
     from rankgen_logits.shared_prompt import shared_prompt_attention
