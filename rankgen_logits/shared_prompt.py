@@ -262,6 +262,8 @@ def merged_attention(
 
     # (b) every row against its own continuation: (rows, kv_heads, groups · q) queries
     c = keys.shape[-2]
+    if c == 0:  # nothing of its own to see (the CPU kernel would give lse 0, not -inf, for no keys)
+        return out1.reshape(rows, heads, q, dim).to(query.dtype)
     if continuation_allowed is None:  # causal; a single query (a decode step) sees every continuation key
         allowed = None
         if q > 1:

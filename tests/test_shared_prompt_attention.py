@@ -111,6 +111,11 @@ def test_merge_when_a_row_sees_none_of_its_continuation(cpu_flash, monkeypatch):
     keep = [0, 1, 3]
     torch.testing.assert_close(out[keep], full[keep], rtol=1e-12, atol=1e-12)
 
+    # and with no continuation keys at all
+    empty = k[:, :, :0]
+    out = merged_attention(query, pk, pv, mask, layer.padded_index, layer.rows_per_prompt, empty, empty, None, 0.4)
+    torch.testing.assert_close(out, prompt_only, rtol=1e-12, atol=1e-12)
+
 
 def test_model_forward_matches_the_plain_cache(tok):  # noqa: F811
     """One decode step of a real model through the shared layers equals the step through a repeated plain cache."""
