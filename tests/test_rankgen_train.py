@@ -11,6 +11,7 @@ import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_trainer_pipelines import args_for as pipeline_args_for
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from rankgen_logits import RankGenConfig, RankGenScorer
@@ -58,21 +59,8 @@ def tiny_scorer(tok, seed: int = 0) -> RankGenScorer:
 
 
 def args_for(output_dir, **overrides) -> TrainingArguments:
-    kwargs = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        report_to=[],
-        seed=0,
-        data_seed=0,
-        dataloader_num_workers=0,
-        per_device_train_batch_size=8,
-        learning_rate=3e-4,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    """The NTK pipeline tests' deterministic CPU arguments, at a scorer's learning rate."""
+    return pipeline_args_for(output_dir, **{"learning_rate": 3e-4, **overrides})
 
 
 def weights(model) -> dict[str, torch.Tensor]:
