@@ -184,14 +184,17 @@ class SharedPromptLayer(GrowingKVLayer):
 def _attention_with_lse(query, key, value, allowed, scale, blocked=None, bias=None):
     """Attention returning (out, lse): ``query`` (B, H, M, D), ``key``/``value`` (B, H, K, D), ``allowed``
     broadcastable to (B, H, M, K) bool or None; ``blocked`` (``~allowed``) and ``bias`` (0 where allowed, -inf
-    elsewhere) may be given precomputed. On CPU, one fused flash-attention call (it returns the log-sum-exp);
-    elsewhere a plain computation."""
+    elsewhere) may be given precomputed, when every query has a key (a prompt's). On CPU, one fused flash-attention
+    call (it returns the log-sum-exp); elsewhere a plain computation. A query with no key gets lse -inf."""
     if CPU_FLASH and query.device.type == "cpu" and query.dtype in (torch.float32, torch.float64):
-        if bias is None and allowed is not None:
+        mask_here = bias is None and allowed is not None
+        if mask_here:
             bias = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill_(~allowed, -math.inf)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, key, value, 0.0, False, attn_mask=bias, scale=scale
         )
+        if mask_here:  # the kernel gives a query with no key lse 0 (and out 0), not -inf
+            lse = lse.masked_fill(~allowed.any(-1), -math.inf)
         return out, lse
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale
     if allowed is None and blocked is None:
@@ -278,10 +281,6 @@ def merged_attention(
     if allowed is not None and bool(allowed.all()):
         allowed = None
     out2, lse2 = _attention_with_lse(qg, keys.to(work), values.to(work), allowed, scale)
-    if allowed is not None:
-        # a query that may see none of its continuation has lse -inf, so the merge gives that part no share; the CPU
-        # flash kernel returns 0 there instead (a share of e^0 for a zero output)
-        lse2 = lse2.masked_fill(~allowed.any(-1), -math.inf)
 
     # merge exactly: the continuation's share of the softmax mass is e^lse2 / (e^lse1 + e^lse2) = sigmoid(lse2 - lse1),
     # and lerp blends with it in one op (three ops a layer where weights, sums and a division took ten: a decode
