@@ -4,7 +4,7 @@ What it does
 ------------
 1. Real text that ships with Python: the reference documentation (``pydoc_data.topics``) and the docstrings of a few
    standard-library modules, split by document into training and held-out parts (every 5th document held out).
-2. Trains a byte-level BPE tokenizer and a small Llama on the training part (``examples/ntk_demo.py``'s helpers, the
+2. Trains a byte-level BPE tokenizer and a small Llama on the training part (``ntk_rankgen_assets.training``, the
    stock ``Trainer``).
 3. Trains a small RankGen scorer (a T5 encoder from scratch plus projection, ``rankgen_logits.train``) on the
    training documents with the paper's objective: gold continuations, in-document negatives and continuations
@@ -41,7 +41,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -49,13 +48,19 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments, set_seed
 from transformers.utils import logging as hf_logging
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent / "examples"))
-import ntk_demo  # noqa: E402  (the offline tokenizer / LM training helpers)
+from ntk_rankgen_assets.texts import (
+    DOCSTRING_MODULES,
+    python_reference_docs,
+    split_documents,
+    stdlib_docstrings,
+    token_blocks,
+)
+from ntk_rankgen_assets.training import perplexity, train_bpe_tokenizer, train_on_blocks
+from rankgen_logits import RankGenConfig, RankGenScorer, RankGenSettings, rankgen_generate
+from rankgen_logits.train import RankGenTrainingConfig, train_rankgen
+from rankgen_logits.training_data import PairConfig, make_pairs
 
-from rankgen_logits import RankGenConfig, RankGenScorer, RankGenSettings, rankgen_generate  # noqa: E402
-from rankgen_logits.train import RankGenTrainingConfig, train_rankgen  # noqa: E402
-from rankgen_logits.training_data import PairConfig, make_pairs  # noqa: E402
+ROOT = Path(__file__).resolve().parent
 
 DEFAULT_OUT = ROOT / "results" / "rankgen_quality_cpu.json"
 METHODS = ("nucleus", "rerank-20", "beam")
@@ -125,16 +130,14 @@ def parse_args(argv):
 
 
 def documents(quick: bool) -> tuple[list[str], list[str]]:
-    docs = ntk_demo.general_documents() + ntk_demo.target_documents(
-        ntk_demo.QUICK_TARGET_MODULES if quick else ntk_demo.TARGET_MODULES
-    )
-    return ntk_demo.split_documents(docs, heldout_every=5)
+    docs = python_reference_docs() + stdlib_docstrings(DOCSTRING_MODULES[:12] if quick else DOCSTRING_MODULES)
+    return split_documents(docs, heldout_every=5)
 
 
 def train_lm(train_docs: list[str], args, workdir: Path):
-    tokenizer = ntk_demo.train_tokenizer(train_docs, args.vocab_size)
+    tokenizer = train_bpe_tokenizer(train_docs, args.vocab_size)
     tokenizer.padding_side = "left"
-    blocks = ntk_demo.token_blocks(tokenizer, train_docs, 128)
+    blocks = token_blocks(tokenizer, train_docs, 128)
     set_seed(args.seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -150,7 +153,16 @@ def train_lm(train_docs: list[str], args, workdir: Path):
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
-    ntk_demo.train(model, blocks, workdir / "lm_runs", args, args.lm_steps, 3e-3)
+    train_on_blocks(
+        model,
+        blocks,
+        workdir / "lm_runs",
+        steps=args.lm_steps,
+        lr=3e-3,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        use_cpu=True,
+    )
     return tokenizer, model.eval()
 
 
@@ -397,8 +409,8 @@ def run(args) -> dict:
         tokenizer, lm = train_lm(train_docs, args, workdir)
         timings["lm_s"] = time.perf_counter() - started
         examples = heldout_examples(tokenizer, heldout_docs, args.prefix_tokens, args.new_tokens, args.prompts)
-        eval_blocks = ntk_demo.token_blocks(tokenizer, heldout_docs, 128, max_blocks=64)
-        lm_ppl = ntk_demo.perplexity(lm, eval_blocks)
+        eval_blocks = token_blocks(tokenizer, heldout_docs, 128, max_blocks=64)
+        lm_ppl = perplexity(lm, eval_blocks)
         print(
             f"LM: {sum(p.numel() for p in lm.parameters()):,} parameters, held-out perplexity {lm_ppl:.1f} "
             f"({timings['lm_s']:.0f} s)",

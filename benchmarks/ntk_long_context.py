@@ -3,7 +3,7 @@
 What it does
 ------------
 1. Pretrains a small Llama (byte-level BPE tokenizer and model trained here, offline, with the helpers of
-   ``examples/ntk_demo.py``) on the Python reference documentation (``pydoc_data.topics``); its context window is
+   ``ntk_rankgen_assets.training``) on the Python reference documentation (``pydoc_data.topics``); its context window is
    ``--block-size`` tokens. ``--base-dir`` reuses a model saved by an earlier run.
 2. Takes a long held-out document, the docstrings of one standard-library module (``--module``, default ``typing``;
    never seen in pretraining), tokenises it, and splits it into a *memory* part (the first ``--memory-tokens``
@@ -45,34 +45,24 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
 import os
 import random
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+import peft_ntk
+from ntk_rankgen_assets.texts import python_reference_docs, split_documents, stdlib_docstrings, token_blocks
+from ntk_rankgen_assets.training import train_bpe_tokenizer, train_on_blocks
+from peft_ntk.attention import capture_attention_inputs
+from peft_ntk.ops import softmax_attention_with_lse
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_demo():
-    spec = importlib.util.spec_from_file_location("ntk_demo", ROOT / "examples" / "ntk_demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = load_demo()
-
-import peft_ntk  # noqa: E402
-from peft_ntk.attention import capture_attention_inputs  # noqa: E402
-from peft_ntk.ops import softmax_attention_with_lse  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------------
 # model and data
@@ -86,8 +76,8 @@ def pretrained_base(args, tokenizer_texts: list[str], train_texts: list[str]):
     if base_dir is not None and (base_dir / "config.json").is_file():
         print(f"loading the pretrained base from {base_dir}")
         return LlamaForCausalLM.from_pretrained(base_dir).eval(), PreTrainedTokenizerFast.from_pretrained(base_dir)
-    tokenizer = demo.train_tokenizer(tokenizer_texts, args.vocab_size)
-    blocks = demo.token_blocks(tokenizer, train_texts, args.block_size)
+    tokenizer = train_bpe_tokenizer(tokenizer_texts, args.vocab_size)
+    blocks = token_blocks(tokenizer, train_texts, args.block_size)
     torch.manual_seed(args.seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -104,9 +94,10 @@ def pretrained_base(args, tokenizer_texts: list[str], train_texts: list[str]):
         attn_implementation="sdpa",
     )
     model = LlamaForCausalLM(config)
-    run_args = SimpleNamespace(seed=args.seed, batch_size=16)
     run_dir = Path(args.output_dir) / "pretrain_runs"
-    _, seconds = demo.train(model, blocks, run_dir, run_args, args.pretrain_steps, 3e-3)
+    _, seconds = train_on_blocks(
+        model, blocks, run_dir, steps=args.pretrain_steps, lr=3e-3, batch_size=16, seed=args.seed, use_cpu=True
+    )
     print(
         f"pretrained {args.layers} layers x hidden {args.hidden_size} for {args.pretrain_steps} steps in {seconds:.0f} s"
     )
@@ -118,7 +109,7 @@ def pretrained_base(args, tokenizer_texts: list[str], train_texts: list[str]):
 
 
 def document_ids(tokenizer, module: str) -> list[int]:
-    docs = demo.target_documents([module])
+    docs = stdlib_docstrings([module])
     return tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]
 
 
@@ -236,8 +227,8 @@ def run(args: argparse.Namespace) -> dict:
     from peft import PrefixTuningConfig, get_peft_model
 
     t0 = time.perf_counter()
-    general = demo.general_documents()
-    general_train, _ = demo.split_documents(general, heldout_every=10)
+    general = python_reference_docs()
+    general_train, _ = split_documents(general, heldout_every=10)
     base, tokenizer = pretrained_base(args, general_train, general_train)
     timings = {"pretrain_s": time.perf_counter() - t0}
 

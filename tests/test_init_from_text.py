@@ -16,6 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import peft_ntk
+from ntk_rankgen_assets.texts import python_reference_docs
+from ntk_rankgen_assets.training import train_bpe_tokenizer
 from peft_ntk import init_from_text
 from peft_ntk.feature_maps import PositiveRandomFeatures
 from peft_ntk.ops import prefix_state_from_keys_values
@@ -32,21 +34,14 @@ def _single_thread():
     torch.set_num_threads(previous)
 
 
-def load_demo():
-    spec = importlib.util.spec_from_file_location("ntk_demo", ROOT / "examples" / "ntk_demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def docs() -> list[str]:
-    return load_demo().general_documents()
+    return python_reference_docs()
 
 
 @pytest.fixture(scope="module")
 def tok(docs):
-    return load_demo().train_tokenizer(docs[:40], 300)
+    return train_bpe_tokenizer(docs[:40], 300)
 
 
 @pytest.fixture(scope="module")
