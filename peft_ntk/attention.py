@@ -24,7 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .kernels import auto_uses_fused_path, fused_ntk_attention, fused_path_unavailable_reason
-from .layer import running_layer_for
+from .layer import running_layer_for, running_position_embeddings_for
 from .ops import ntk_attention
 
 try:
@@ -32,7 +32,7 @@ try:
 except ImportError:  # older transformers: attentions are only requested through output_attentions
     _active_collector = None
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: its verbosity is ours
 
 # base implementation -> our implementation name
 NTK_IMPLEMENTATIONS = {"sdpa": "ntk_sdpa", "eager": "ntk_eager"}
@@ -195,11 +195,57 @@ def ntk_attention_forward(
         feature_map=state.feature_map,
         feature_dropout=feature_dropout,
     )
+    if state.query_features == "pre_rope":
+        options["feature_query"] = query_before_rotary(module, query)
     if _use_fused_path(state.attention_backend, query, dropout, want_weights, mask):
         return fused_ntk_attention(*args, **options).transpose(1, 2).contiguous(), None
     result = ntk_attention(*args, **options, dropout=dropout, return_weights=want_weights)
     out, weights = result if want_weights else (result, None)
     return out.transpose(1, 2).contiguous(), weights
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+_ROTARY_CHECKED: dict[type, bool] = {}
+
+
+def query_before_rotary(module: nn.Module, query: torch.Tensor) -> torch.Tensor:
+    """The query before its rotary embedding: the rotation undone with the (cos, sin) the module was called with.
+
+    RoPE rotates pairs of dimensions by position-dependent angles (``q·cos + rotate_half(q)·sin``); the inverse
+    rotation is ``q·cos − rotate_half(q)·sin``. Checked once per module class against the modeling file's own
+    ``apply_rotary_pos_emb``; a model without rotary embeddings passes its query through.
+    """
+    modeling = sys.modules.get(type(module).__module__)
+    apply_rotary = getattr(modeling, "apply_rotary_pos_emb", None)
+    position_embeddings = running_position_embeddings_for(module)
+    if position_embeddings is None:
+        if apply_rotary is None:
+            return query  # no rotary embedding: the query has no absolute position to remove
+        raise ValueError(
+            f"query_features='pre_rope' needs the rotary (cos, sin) that {type(module).__name__} is called with as "
+            "`position_embeddings`, and this call has none. Use query_features='post_rope' for this model."
+        )
+    cos, sin = (t.unsqueeze(1).to(query.dtype) for t in position_embeddings)  # (B, 1, L, rot) like the queries
+    rot = cos.shape[-1]
+    rotated, passed = query[..., :rot], query[..., rot:]
+    unrotated = torch.cat((rotated * cos - _rotate_half(rotated) * sin, passed), dim=-1)
+    if not _ROTARY_CHECKED.get(type(module)):
+        redone = None
+        if apply_rotary is not None and rot == query.shape[-1]:
+            with torch.no_grad():
+                redone, _ = apply_rotary(unrotated, unrotated, cos.squeeze(1), sin.squeeze(1))
+        if redone is None or not torch.allclose(redone, query, atol=1e-3, rtol=1e-3):
+            raise ValueError(
+                f"query_features='pre_rope' cannot undo the rotary embedding of {type(module).__name__}: it is not "
+                "the rotate-half RoPE of Llama, Mistral or Qwen (or is applied to part of the head only). Use "
+                "query_features='post_rope' for this model."
+            )
+        _ROTARY_CHECKED[type(module)] = True
+    return unrotated
 
 
 def register_attention_functions() -> None:

@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from transformers.utils import logging
 
 from .fused_combine import feature_map_has_trainable_state, fused_prefix_combine
-from .ops import FeatureMap, _check_inputs, causal_mask, ntk_prefix_combine, repeat_kv_heads
+from .ops import FeatureMap, _check_feature_query, _check_inputs, causal_mask, ntk_prefix_combine, repeat_kv_heads
 from .triton_combine import triton_combine_unavailable_reason, triton_ntk_attention, triton_prefix_combine
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: its verbosity is ours
 
 #: Whether ``attention_backend="auto"`` uses the fused CUDA path. Set once ``benchmarks/run_gpu.sh tests`` passed on a
 #: GPU (an H200, torch 2.11 / CUDA 13.0); a fork that changes the CUDA adapters can set it back to False, so that
@@ -493,15 +493,18 @@ def fused_ntk_attention(
     feature_map: Union[str, FeatureMap] = "elu",
     feature_dropout: float = 0.0,
     kernel: Optional[FusedKernel] = None,
+    feature_query: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """NTK-Attention on the fused path: same arguments and result as :func:`peft_ntk.ops.ntk_attention` (without
     attention dropout or weights), with memory linear in the sequence length when no mask is materialised."""
     _check_inputs(query, key, value, z, k, attention_mask)
+    _check_feature_query(feature_query, query)
     out_dtype = query.dtype
     q_len, head_dim = query.shape[2], query.shape[-1]
     if (
         query.is_cuda
         and attention_mask is None
+        and feature_query is None  # the one-Function path applies phi to the query it attends with
         and feature_dropout == 0.0
         and (not is_causal or q_len in (1, key.shape[2]))  # else the causal mask needs aligning: a bias
         and value.shape[-1] == head_dim
@@ -537,15 +540,16 @@ def fused_ntk_attention(
         kernel=kernel,
         lse_gradient="unchecked_out",
     )
+    phi_query = query if feature_query is None else feature_query
     if feature_dropout == 0.0:
         # CUDA and a built-in map: two Triton kernels. Else one torch autograd Function, unless the map is learned.
         if query.is_cuda and triton_combine_unavailable_reason(query, value.shape[-1], feature_map) is None:
-            return triton_prefix_combine(attn_out, lse, query, z, k, feature_map=feature_map, out_dtype=out_dtype)
-        if not feature_map_has_trainable_state(feature_map, query):
-            return fused_prefix_combine(attn_out, lse, query, z, k, feature_map=feature_map, out_dtype=out_dtype)
+            return triton_prefix_combine(attn_out, lse, phi_query, z, k, feature_map=feature_map, out_dtype=out_dtype)
+        if not feature_map_has_trainable_state(feature_map, phi_query):
+            return fused_prefix_combine(attn_out, lse, phi_query, z, k, feature_map=feature_map, out_dtype=out_dtype)
     dtype = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
     out, _ = ntk_prefix_combine(
-        attn_out.to(dtype), lse.to(dtype), query, z, k, feature_map=feature_map, feature_dropout=feature_dropout
+        attn_out.to(dtype), lse.to(dtype), phi_query, z, k, feature_map=feature_map, feature_dropout=feature_dropout
     )
     return out.to(out_dtype)
 

@@ -24,7 +24,7 @@ from .feature_maps import (
 # The attention function receives the *base* attention module. While an NTK layer runs its base module, this
 # variable holds (base module, NTK layer) so the function can find the adapter without a back-reference on the base
 # module (which would be a reference cycle and would break deepcopy).
-_RUNNING_LAYER: contextvars.ContextVar[Optional[tuple[nn.Module, NTKAttentionLayer]]] = contextvars.ContextVar(
+_RUNNING_LAYER: contextvars.ContextVar[Optional[tuple[nn.Module, NTKAttentionLayer, Any]]] = contextvars.ContextVar(
     "peft_ntk_running_layer", default=None
 )
 
@@ -41,6 +41,14 @@ def running_layer_for(module: nn.Module) -> Optional[NTKAttentionLayer]:
     running = _RUNNING_LAYER.get()
     if running is not None and running[0] is module:
         return running[1]
+    return None
+
+
+def running_position_embeddings_for(module: nn.Module) -> Any:
+    """The ``position_embeddings`` (cos, sin) the running NTK layer around ``module`` was called with, else None."""
+    running = _RUNNING_LAYER.get()
+    if running is not None and running[0] is module:
+        return running[2]
     return None
 
 
@@ -75,6 +83,7 @@ class PrefixState:
     feature_map: Union[str, FeatureMap]  # a registered name, or a PositiveRandomFeatures on the adapter's projection
     feature_dropout: float
     attention_backend: str
+    query_features: str = "post_rope"  # what phi sees: the query after ("post_rope") or before ("pre_rope") RoPE
 
 
 def _attention_shape(module: nn.Module) -> tuple[int, int]:
@@ -113,7 +122,13 @@ class NTKAttentionLayer(nn.Module, BaseTunerLayer):
 
     adapter_layer_names = ("ntk_z", "ntk_k")
     # ntk_projection: the random projection of 'favor' adapters, a non-trainable buffer saved with the adapter.
-    other_param_names = ("ntk_projection", "ntk_feature_map", "ntk_feature_dropout", "ntk_attention_backend")
+    other_param_names = (
+        "ntk_projection",
+        "ntk_feature_map",
+        "ntk_feature_dropout",
+        "ntk_attention_backend",
+        "ntk_query_features",
+    )
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: NTKAttentionConfig) -> None:
         super().__init__()
@@ -126,6 +141,7 @@ class NTKAttentionLayer(nn.Module, BaseTunerLayer):
         self.ntk_feature_map: dict[str, str] = {}
         self.ntk_feature_dropout: dict[str, float] = {}
         self.ntk_attention_backend: dict[str, str] = {}
+        self.ntk_query_features: dict[str, str] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
@@ -155,6 +171,7 @@ class NTKAttentionLayer(nn.Module, BaseTunerLayer):
         self.ntk_feature_map[adapter_name] = config.feature_map
         self.ntk_feature_dropout[adapter_name] = config.feature_dropout
         self.ntk_attention_backend[adapter_name] = config.attention_backend
+        self.ntk_query_features[adapter_name] = config.query_features
         self.reset_ntk_parameters(adapter_name, config.init_mode, config.init_scale)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -175,10 +192,13 @@ class NTKAttentionLayer(nn.Module, BaseTunerLayer):
             raise ValueError(f"unknown init mode {init_mode!r}")
 
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
-        # Attention modules have no `.weight`; use their first parameter's device. Adapter weights stay float32
-        # (the math runs in float32 for half-precision models anyway).
-        param = next(base_layer.parameters(), None)
-        return (param.device if param is not None else None), None
+        # Attention modules have no `.weight`: their first floating-point parameter gives device and dtype. PEFT then
+        # upcasts float16/bfloat16 adapters to float32 unless `autocast_adapter_dtype=False` keeps the base's dtype.
+        param = next((p for p in base_layer.parameters() if p.is_floating_point()), None)
+        if param is None:
+            param = next(base_layer.parameters(), None)
+            return (param.device if param is not None else None), None
+        return param.device, param.dtype
 
     def prefix_state(self) -> Optional[PrefixState]:
         """The combined prefix of the active adapters, or None when no adapter applies to this layer.
@@ -206,13 +226,36 @@ class NTKAttentionLayer(nn.Module, BaseTunerLayer):
                 )
             feature_map = PositiveRandomFeatures(projections[0])
         if len(names) == 1:  # the usual case; sum() would add a zero tensor first
-            z, k = self.ntk_z[names[0]], nonnegative(self.ntk_k[names[0]])
+            z, k = self.effective_prefix(names[0])
         else:
-            z = sum(self.ntk_z[name] for name in names)
-            k = sum(nonnegative(self.ntk_k[name]) for name in names)
+            pairs = [self.effective_prefix(name) for name in names]
+            z, k = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
         dropout = max(self.ntk_feature_dropout[name] for name in names)
         backend = self.ntk_attention_backend[names[0]]
-        return PrefixState(z=z, k=k, feature_map=feature_map, feature_dropout=dropout, attention_backend=backend)
+        query_features = {self.ntk_query_features[name] for name in names}
+        if len(query_features) > 1:
+            raise ValueError(
+                f"active NTK adapters {names} apply phi to different queries ({sorted(query_features)}); their "
+                "prefixes cannot be combined. Activate one of them with set_adapter(name)."
+            )
+        return PrefixState(
+            z=z,
+            k=k,
+            feature_map=feature_map,
+            feature_dropout=dropout,
+            attention_backend=backend,
+            query_features=query_features.pop(),
+        )
+
+    def effective_prefix(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Z, k)`` of one adapter as the attention uses them: ``(Z, |k|)``, differentiable in the parameters."""
+        return self.ntk_z[adapter_name], nonnegative(self.ntk_k[adapter_name])
+
+    def set_effective_prefix(self, adapter_name: str, z: torch.Tensor, k: torch.Tensor) -> None:
+        """Store ``(Z, k)`` (k >= 0) so that :meth:`effective_prefix` returns them."""
+        with torch.no_grad():
+            self.ntk_z[adapter_name].copy_(z.to(self.ntk_z[adapter_name].dtype))
+            self.ntk_k[adapter_name].copy_(k.to(self.ntk_k[adapter_name].dtype))
 
     def adapter_feature_map(self, adapter_name: str) -> Union[str, FeatureMap]:
         """The feature map of one adapter: its registered name, or a PositiveRandomFeatures on its projection."""
@@ -228,7 +271,10 @@ class NTKAttentionLayer(nn.Module, BaseTunerLayer):
         """Nothing is ever merged (see merge)."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        token = _RUNNING_LAYER.set((self.base_layer, self))
+        position_embeddings = kwargs.get("position_embeddings")
+        if position_embeddings is None and len(args) > 1 and isinstance(args[1], tuple):
+            position_embeddings = args[1]  # Llama-style forward(hidden_states, position_embeddings, ...)
+        token = _RUNNING_LAYER.set((self.base_layer, self, position_embeddings))
         try:
             return self.base_layer(*args, **kwargs)
         finally:

@@ -90,6 +90,13 @@ def _check_inputs(query, key, value, z, k, attention_mask) -> None:
             )
 
 
+def _check_feature_query(feature_query: Optional[torch.Tensor], query: torch.Tensor) -> None:
+    if feature_query is not None and feature_query.shape != query.shape:
+        raise ValueError(
+            f"feature_query must have the query's shape {tuple(query.shape)}; got {tuple(feature_query.shape)}"
+        )
+
+
 def masked_scores(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -226,6 +233,7 @@ def ntk_attention(
     dropout: float = 0.0,
     feature_dropout: float = 0.0,
     return_weights: bool = False,
+    feature_query: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """NTK-Attention: softmax attention plus a trained, infinitely long virtual prefix (reference implementation).
 
@@ -242,6 +250,8 @@ def ntk_attention(
         feature_dropout: dropout on ``phi(query)`` (pass 0 in eval mode).
         return_weights: also return (B, H, Lq, Lk) attention weights over the real keys; each row sums to the share of
             attention that is *not* on the virtual prefix.
+        feature_query: (B, H, Lq, d) what phi is applied to, when not ``query`` itself (e.g. the query before its
+            rotary embedding, so that the prefix term does not depend on absolute positions).
 
     Half-precision inputs are computed in float32 and the output is cast back to the query's dtype.
 
@@ -256,6 +266,7 @@ def ntk_attention(
         torch.Size([1, 4, 3, 8])
     """
     _check_inputs(query, key, value, z, k, attention_mask)
+    _check_feature_query(feature_query, query)
     out_dtype = query.dtype
     dtype = compute_dtype_for(query.dtype)
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
@@ -267,7 +278,13 @@ def ntk_attention(
         out, weights = attn_out, probs
     else:
         out, real_mass = ntk_prefix_combine(
-            attn_out, lse, query, z, k, feature_map=feature_map, feature_dropout=feature_dropout
+            attn_out,
+            lse,
+            query if feature_query is None else feature_query.to(dtype),
+            z,
+            k,
+            feature_map=feature_map,
+            feature_dropout=feature_dropout,
         )
         weights = probs * real_mass.unsqueeze(-1)
     out = out.to(out_dtype)

@@ -68,7 +68,7 @@ def test_zero_init_is_the_base_model_and_still_trains():
 
 
 def test_small_random_init_follows_init_scale():
-    model = get_peft_model(tiny_llama(), peft_ntk.NTKAttentionConfig(init_scale=1e-3))
+    model = get_peft_model(tiny_llama(), peft_ntk.NTKAttentionConfig(init_weights="small_random", init_scale=1e-3))
     z = torch.cat([layer.ntk_z["default"].flatten() for layer in ntk_layers(model)])
     assert 0.5e-3 < z.std().item() < 2e-3
 
