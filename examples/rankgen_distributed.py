@@ -151,7 +151,7 @@ def generate_batch(model, tok, settings, batch: list[tuple[int, str]], args, sup
                 "prompt": prompt,
                 "output": tok.decode(sequence, skip_special_tokens=True),
                 "continuation": tok.decode(sequence[width:], skip_special_tokens=True),
-                "score": float(out.scores[row]),
+                "score": float(out.sequences_scores[row]),
             }
         )
     return records

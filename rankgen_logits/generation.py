@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,6 +136,65 @@ class RankGenSettings:
                 f"{type(self.tokenizer).__name__}."
             )
 
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain, JSON-serialisable dict, with the scorer by its folder or Hub id.
+
+        It can be stored next to a ``GenerationConfig``; :meth:`from_dict` loads the scorer again. The generator's
+        tokenizer is not part of it: give it to :meth:`from_dict` or to ``generate``.
+        """
+        location = _location(self.scorer)
+        if location is None:
+            raise ValueError(
+                f"RankGenSettings.to_dict() names the scorer by its folder or Hub id, and this "
+                f"{type(self.scorer).__name__} has none (it was not loaded with from_pretrained). Save it first "
+                "(`scorer.save_pretrained(folder)`) and load it from there, or keep the settings in code."
+            )
+        scorer_tokenizer = _location(getattr(self.scorer, "tokenizer", None))
+        return {
+            "scorer": location,
+            "scorer_tokenizer": scorer_tokenizer if scorer_tokenizer != location else None,
+            "mode": self.mode,
+            "num_beams": self.num_beams,
+            "num_samples": self.num_samples,
+            "rerank_every": self.rerank_every,
+            "scorer_batch_size": self.scorer_batch_size,
+        }
+
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any], tokenizer: Any = None, scorer: Any = None) -> RankGenSettings:
+        """Settings from :meth:`to_dict`'s output: the scorer is loaded from its folder or Hub id (a
+        :class:`~rankgen_logits.RankGenScorer`, or a ``PooledEncoderScorer`` folder), unless ``scorer`` is given.
+
+        Args:
+            settings: the dict (for example ``json.load`` of a file that :meth:`to_dict` wrote).
+            tokenizer: the generator's tokenizer (optional, as for the constructor).
+            scorer: an already loaded scorer to use instead of the one the dict names.
+        """
+        known = {"scorer", "scorer_tokenizer", "mode", "num_beams", "num_samples", "rerank_every", "scorer_batch_size"}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(
+                f"RankGenSettings.from_dict got unknown keys {unknown}; the known ones are {sorted(known)}."
+            )
+        if scorer is None:
+            if not settings.get("scorer"):
+                raise ValueError("RankGenSettings.from_dict needs 'scorer' (a folder or Hub id), or pass scorer=.")
+            from .metrics import resolve_scorer
+
+            scorer = resolve_scorer(settings["scorer"], settings.get("scorer_tokenizer"))
+        options = {k: v for k, v in settings.items() if k not in ("scorer", "scorer_tokenizer")}
+        return cls(scorer, tokenizer=tokenizer, **options)
+
+
+def _location(obj: Any) -> str | None:
+    """Where ``obj`` (a scorer or tokenizer) was loaded from: its folder or Hub id, or None."""
+    if obj is None:
+        return None
+    if isinstance(obj, (str, os.PathLike)):
+        return os.fspath(obj)
+    location = getattr(obj, "name_or_path", None) or getattr(getattr(obj, "config", None), "_name_or_path", None)
+    return str(location) if location else None
+
 
 @dataclass
 class RankGenDecoderOnlyOutput(GenerateDecoderOnlyOutput):
@@ -143,18 +204,35 @@ class RankGenDecoderOnlyOutput(GenerateDecoderOnlyOutput):
         sequences (`torch.LongTensor` of shape `(batch_size * num_return_sequences, sequence_length)`):
             Each prompt (as given, left padding included) followed by its best continuation, right-padded with
             ``pad_token_id`` to a common length.
-        scores (`torch.FloatTensor` of shape `(batch_size * num_return_sequences,)`):
-            NOT per-step logits as in other decoding methods: the RankGen score of each returned sequence, i.e. the
-            scorer's score of the continuation's text (generator tokenizer, special tokens skipped, cut at EOS) as a
+        sequences_scores (`torch.FloatTensor` of shape `(batch_size * num_return_sequences,)`):
+            The RankGen score of each returned sequence, as beam search reports its sequences' scores: the scorer's
+            score of the continuation's text (generator tokenizer, special tokens skipped, cut at EOS) as a
             continuation of the prompt's text (windowed as described in :func:`rankgen_generate` when the scorer
             has ``max_suffix_tokens``).
 
-    The per-step fields of :class:`~transformers.generation.GenerateDecoderOnlyOutput` (``logits``, ``attentions``,
-    ``hidden_states``, ``cache``) are always ``None``: rows are reshuffled between rounds, so they would not
-    describe the returned sequences.
+    The per-step fields of :class:`~transformers.generation.GenerateDecoderOnlyOutput` (``scores``, ``logits``,
+    ``attentions``, ``hidden_states``, ``cache``) are ``None``: rows are reshuffled between rounds, so per-step values
+    would not describe the returned sequences. Reading ``scores`` still returns ``sequences_scores``, with a
+    ``FutureWarning``, as earlier versions stored them there; it will be ``None`` from version 0.3.
     """
 
-    scores: torch.FloatTensor | None = None
+    sequences_scores: torch.FloatTensor | None = None
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "scores":
+            value = super().__getattribute__("scores")
+            ranked = super().__getattribute__("sequences_scores")
+            if value is None and ranked is not None:
+                warnings.warn(
+                    "RankGen's score of each returned sequence is now `sequences_scores` (as in beam search); "
+                    "`scores` will be None from peft-ntk-rankgen 0.3, as transformers documents it for per-step "
+                    "logits. Read `out.sequences_scores` instead.",
+                    FutureWarning,
+                    stacklevel=2,
+                )
+                return ranked
+            return value
+        return super().__getattribute__(name)
 
 
 @dataclass
@@ -193,11 +271,21 @@ def _batches(items: list, size: int | None):
         yield items[start : start + size]
 
 
-def _as_scores(value: Any, expected: int, what: str) -> torch.Tensor:
-    scores = torch.as_tensor(value).detach().float().flatten().cpu()
-    if scores.numel() != expected:
-        raise ValueError(f"The scorer's {what} returned {scores.numel()} values for {expected} texts.")
-    return torch.nan_to_num(scores, nan=-math.inf)
+def _as_scores(value: Any, expected: int, scorer: Any, what: str, texts: list[str]) -> list[float]:
+    """The scorer's output as floats, read from the device once; refused when its size or a value is wrong."""
+    scores = torch.as_tensor(value).detach().float().flatten().tolist()
+    name = f"{type(scorer).__name__}.{what}"
+    if len(scores) != expected:
+        raise ValueError(f"The scorer's {name} returned {len(scores)} values for {expected} texts.")
+    bad = [i for i, score in enumerate(scores) if not math.isfinite(score)]
+    if bad:
+        raise ValueError(
+            f"The scorer's {name} returned non-finite scores ({', '.join(sorted({str(scores[i]) for i in bad}))}) "
+            f"for {len(bad)} of {expected} candidates, e.g. the continuation {texts[bad[0]][:80]!r}. RankGen keeps the "
+            "best-scored candidates, so scores must be finite numbers: fix the scorer (an overflow in float16 or a "
+            "division by zero are common causes; run it in float32), or map such candidates to a finite low score."
+        )
+    return scores
 
 
 def split_for_window(text: str, max_tokens: int, scorer_tokenizer: Any = None) -> tuple[str, str]:
@@ -254,9 +342,9 @@ class _RoundScorer:
             raise ValueError(f"The scorer's encoder returned {vectors.shape[0]} vectors for {len(texts)} texts.")
         return vectors
 
-    def __call__(self, prompt_index: list[int], texts: list[str]) -> torch.Tensor:
+    def __call__(self, prompt_index: list[int], texts: list[str]) -> list[float]:
         if not texts:
-            return torch.empty(0)
+            return []
         prefixes, suffixes, windowed = [], [], []
         for i, (p, text) in enumerate(zip(prompt_index, texts)):
             earlier, window = (
@@ -267,11 +355,11 @@ class _RoundScorer:
             if earlier:
                 windowed.append(i)
         if not self.vector:
-            parts = [
-                _as_scores(self.scorer.score(pre, suf), len(pre), "score()")
+            return [
+                score
                 for pre, suf in zip(_batches(prefixes, self.batch_size), _batches(suffixes, self.batch_size))
+                for score in _as_scores(self.scorer.score(pre, suf), len(pre), self.scorer, "score()", suf)
             ]
-            return torch.cat(parts)
         suffix_vectors = self._encode(self.scorer.encode_suffix, suffixes)
         device = self.prefix_vectors.device
         prefix_vectors = self.prefix_vectors[torch.as_tensor(prompt_index, device=device)]
@@ -280,7 +368,7 @@ class _RoundScorer:
             prefix_vectors = prefix_vectors.clone()
             prefix_vectors[torch.as_tensor(windowed, device=device)] = extra.to(prefix_vectors)
         scores = (prefix_vectors.float() * suffix_vectors.to(device).float()).sum(-1)
-        return _as_scores(scores, len(texts), "encode_suffix()")
+        return _as_scores(scores, len(texts), self.scorer, "encode_prefix()/encode_suffix()", suffixes)
 
 
 def _rank(candidates: list[_Candidate], keep: int) -> list[_Candidate]:
@@ -529,7 +617,7 @@ def rankgen_generate(
     Returns:
         ``torch.LongTensor`` ``(batch_size * num_return_sequences, sequence_length)``: each prompt as given followed
         by its best continuation (EOS included when it ended on one), right-padded with ``pad_token_id``; or, with
-        ``return_dict_in_generate=True``, a :class:`RankGenDecoderOnlyOutput` whose ``scores`` are the RankGen scores
+        ``return_dict_in_generate=True``, a :class:`RankGenDecoderOnlyOutput` whose ``sequences_scores`` are the RankGen scores
         of the returned sequences. With a fixed seed (``torch.manual_seed``) and a deterministic scorer the output is
         reproducible.
 
@@ -551,7 +639,7 @@ def rankgen_generate(
     >>> out = model.generate(**inputs, custom_generate=rankgen_generate, rankgen=ShortWords(), rankgen_tokenizer=tok,
     ...                      do_sample=True, top_p=0.9, max_new_tokens=40, return_dict_in_generate=True,
     ...                      pad_token_id=tok.eos_token_id)
-    >>> out.sequences.shape[0], out.scores.shape
+    >>> out.sequences.shape[0], out.sequences_scores.shape
     (1, torch.Size([1]))
     ```
     """
@@ -714,7 +802,7 @@ def rankgen_generate(
                     input_ids, model_length, lengths, unfinished, row_prompt, eos_set, tokenizer
                 )
                 row_scores = scorer(row_prompt_list, [c.text for c in rows])
-                for candidate, score in zip(rows, row_scores.tolist()):
+                for candidate, score in zip(rows, row_scores):
                     candidate.score = score
                 by_prompt: list[list[tuple[int, _Candidate]]] = [[] for _ in range(num_prompts)]
                 for r, (p, candidate) in enumerate(zip(row_prompt_list, rows)):
@@ -766,7 +854,8 @@ def rankgen_generate(
         streamer.end()
     if generation_config.return_dict_in_generate:
         return RankGenDecoderOnlyOutput(
-            sequences=sequences, scores=torch.tensor([c.score for c in chosen], dtype=torch.float32, device=device)
+            sequences=sequences,
+            sequences_scores=torch.tensor([c.score for c in chosen], dtype=torch.float32, device=device),
         )
     return sequences
 

@@ -32,7 +32,7 @@ try:  # transformers >= 5: initialisers that leave loaded weights alone
 except ImportError:  # pragma: no cover
     _init = nn.init
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: its verbosity is ours
 
 __all__ = ["RankGenConfig", "RankGenScorer", "OFFICIAL_ARCHITECTURE", "T5_V1_1_TOKENIZERS"]
 
@@ -492,6 +492,8 @@ class RankGenScorer(T5PreTrainedModel):
             official = True
 
         model.tokenizer = cls._resolve_tokenizer(tokenizer, source, model.config, official)
+        # where it came from, for RankGenSettings.to_dict (the official layout's config does not say)
+        model.name_or_path = model.config._name_or_path = os.fspath(pretrained_model_name_or_path)
         return model
 
     @classmethod

@@ -43,9 +43,16 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
-from .training_data import PairConfig, RankGenCollator, add_generated_negatives, as_pairs_dataset, tokenize_head
+from .training_data import (
+    PairConfig,
+    RankGenCollator,
+    add_generated_negatives,
+    as_pairs_dataset,
+    require_datasets,
+    tokenize_head,
+)
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: its verbosity is ours
 
 __all__ = [
     "RankGenTrainingConfig",
@@ -307,6 +314,7 @@ class PooledEncoderScorer(nn.Module):
         )
         if scorer.projection is not None:
             scorer.projection.load_state_dict(load_file(os.path.join(directory, "projection.safetensors")))
+        scorer.name_or_path = os.fspath(directory)
         return scorer
 
 
@@ -528,7 +536,7 @@ class ScriptArguments:
 
 
 def _load_data(script: ScriptArguments):
-    import datasets
+    datasets = require_datasets()
 
     if script.builtin_corpus or script.quick:
         if (script.builtin_corpus or "pydoc") != "pydoc":

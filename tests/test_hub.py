@@ -104,7 +104,8 @@ def _push_leftovers() -> list:
 
 
 def _tiny_scorer(seed: int = 0):
-    from test_scorer import TINY_T5, _train_tokenizer
+    from helpers import TINY_T5
+    from helpers import train_word_tokenizer as _train_tokenizer
 
     from rankgen_logits import RankGenConfig, RankGenScorer
 

@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
 from collections import Counter
-from pydoc_data.topics import topics
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from helpers import TINY_T5, pydoc_words, train_word_tokenizer, write_official_rankgen_checkpoint
 from transformers import AutoConfig, AutoModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 import rankgen_logits
@@ -20,94 +18,22 @@ from rankgen_logits import scorer as scorer_module
 from rankgen_logits.protocol import ContinuationScorer, has_vector_api
 from rankgen_logits.scorer import RankGenConfig, RankGenScorer
 
-TINY_T5 = dict(
-    vocab_size=200,
-    d_model=32,
-    d_ff=64,
-    num_layers=2,
-    num_heads=4,
-    d_kv=8,
-    feed_forward_proj="gated-gelu",
-    tie_word_embeddings=False,  # as in the T5 v1.1 configs
-    dropout_rate=0.1,
-)
-
-
-def _words() -> list[str]:
-    text = " ".join(topics[key] for key in sorted(topics))
-    return re.findall(r"[a-z]+", text.lower())
-
 
 @pytest.fixture(scope="module")
 def words() -> list[str]:
     """The 150 most frequent words of the vocabulary (all known to the tokenizer)."""
-    return [w for w, _ in Counter(_words()).most_common(150)]
-
-
-def _train_tokenizer() -> PreTrainedTokenizerFast:
-    """A WordLevel tokenizer trained on pydoc's topics, appending ``</s>`` like T5's."""
-    corpus = _words()
-    lines = [" ".join(corpus[i : i + 64]) for i in range(0, len(corpus), 64)]
-    lines += ["pre suffi"] * 2000  # the RankGen prompts are whole words here
-    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.WordLevelTrainer(vocab_size=TINY_T5["vocab_size"], special_tokens=["<pad>", "</s>", "<unk>"])
-    backend.train_from_iterator(lines, trainer)
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    assert tok.pad_token_id == 0 and tok.eos_token_id == 1 and len(tok) <= TINY_T5["vocab_size"]
-    assert tok.unk_token_id not in tok("pre suffi the")["input_ids"]
-    return tok
+    return [w for w, _ in Counter(pydoc_words()).most_common(150)]
 
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    return _train_tokenizer()
-
-
-def _write_official_checkpoint(directory, seed: int = 0, *, with_embed_tokens: bool = False) -> dict[str, torch.Tensor]:
-    """A checkpoint laid out like ``kalpeshk2011/rankgen-t5-*``: remote-code config, ``pytorch_model.bin``."""
-    os.makedirs(directory, exist_ok=True)
-    config = T5Config(**TINY_T5)
-    torch.manual_seed(seed)
-    encoder = T5EncoderModel(config)
-    state_dict = {f"t5_encoder.{k}": v.detach().clone() for k, v in encoder.state_dict().items()}
-    if not with_embed_tokens:
-        del state_dict["t5_encoder.encoder.embed_tokens.weight"]
-    state_dict["projection.weight"] = torch.randn(TINY_T5["d_model"], TINY_T5["d_model"]) * 0.2
-    # Shaped like the 2022 remote-code configs (a T5 v1.1 config written by transformers 4.x).
-    config_dict = {
-        "_name_or_path": "google/t5-v1_1-base",
-        "architectures": ["T5EncoderWithProjection"],
-        "auto_map": {"AutoModel": "modeling_t5.T5EncoderWithProjection"},
-        "model_type": "t5",
-        **TINY_T5,
-        "decoder_start_token_id": 0,
-        "dense_act_fn": "gelu_new",
-        "eos_token_id": 1,
-        "initializer_factor": 1.0,
-        "is_encoder_decoder": True,
-        "is_gated_act": True,
-        "layer_norm_epsilon": 1e-06,
-        "num_decoder_layers": TINY_T5["num_layers"],
-        "output_past": True,
-        "pad_token_id": 0,
-        "relative_attention_max_distance": 128,
-        "relative_attention_num_buckets": 32,
-        "torch_dtype": "float32",
-        "transformers_version": "4.21.1",
-        "use_cache": True,
-    }
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(config_dict, f, indent=2)
-    torch.save(state_dict, os.path.join(directory, "pytorch_model.bin"))
-    return state_dict
+    return train_word_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
     directory = tmp_path_factory.mktemp("rankgen-official")
-    state_dict = _write_official_checkpoint(directory)
+    state_dict = write_official_rankgen_checkpoint(directory)
     return str(directory), state_dict
 
 
@@ -295,7 +221,7 @@ def test_explicit_tokenizer_path_and_saved_tokenizer_in_official_dir(official, t
     assert by_path.tokenizer("pre the")["input_ids"] == tokenizer("pre the")["input_ids"]
 
     checkpoint = tmp_path / "official-with-tokenizer"
-    _write_official_checkpoint(checkpoint, with_embed_tokens=True)
+    write_official_rankgen_checkpoint(checkpoint, with_embed_tokens=True)
     tokenizer.save_pretrained(checkpoint)
     loaded = RankGenScorer.from_pretrained(checkpoint)
     assert loaded.tokenizer is not None and loaded.encode_suffix("the").shape == (1, 32)
@@ -461,4 +387,45 @@ def test_rankgen_scorer_ranks_generation_end_to_end(scorer, tokenizer, words):
     width = batch["input_ids"].shape[1]
     continuations = tokenizer.batch_decode(out.sequences[:, width:], skip_special_tokens=True)
     expected = scorer.score(prompts, continuations)
-    torch.testing.assert_close(out.scores.float(), expected.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.sequences_scores.float(), expected.float(), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- settings as a dict
+
+
+def test_settings_round_trip_through_json_with_the_scorer_by_path(official, tokenizer, tmp_path, words):
+    from rankgen_logits import RankGenSettings
+
+    tokenizer_dir = tmp_path / "t5-tokenizer"
+    tokenizer.save_pretrained(tokenizer_dir)
+    scorer = RankGenScorer.from_pretrained(official[0], tokenizer=str(tokenizer_dir))
+    settings = RankGenSettings(scorer, mode="rerank", num_samples=6, scorer_batch_size=16)
+    stored = json.loads(json.dumps(settings.to_dict()))
+    assert stored == {
+        "scorer": official[0],
+        "scorer_tokenizer": str(tokenizer_dir),
+        "mode": "rerank",
+        "num_beams": 2,
+        "num_samples": 6,
+        "rerank_every": 20,
+        "scorer_batch_size": 16,
+    }
+    again = RankGenSettings.from_dict(stored)
+    assert again.to_dict() == stored and isinstance(again.scorer, RankGenScorer)
+    prefixes, continuations = [" ".join(words[:12])] * 2, [" ".join(words[12:20]), " ".join(words[30:40])]
+    torch.testing.assert_close(again.scorer.score(prefixes, continuations), scorer.score(prefixes, continuations))
+
+
+def test_settings_dict_errors_name_the_fix(scorer):
+    from rankgen_logits import RankGenSettings
+
+    class InMemory:
+        def score(self, prefixes, continuations):
+            return torch.zeros(len(continuations))
+
+    with pytest.raises(ValueError, match="save_pretrained"):
+        RankGenSettings(InMemory()).to_dict()
+    with pytest.raises(ValueError, match=r"unknown keys \['num_beam'\]"):
+        RankGenSettings.from_dict({"scorer": "x", "num_beam": 2})
+    with pytest.raises(ValueError, match="num_samples"):
+        RankGenSettings.from_dict({"num_samples": 0}, scorer=scorer)
