@@ -41,7 +41,7 @@ from transformers.utils import logging
 from . import model_card
 from .registration import NTK_PEFT_TYPE
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: its verbosity is ours
 
 __all__ = [
     "disable_hub_integration",

@@ -26,7 +26,7 @@ from .feature_maps import feature_map_and_log_scale
 from .layer import NTKAttentionLayer
 from .ops import PrefixStateAccumulator, repeat_kv_heads
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: its verbosity is ours
 
 CALIBRATION_CHOICES = (False, "mass", "perplexity")
 #: factors tried by calibrate="perplexity": 10^-8 ... 10^1 in half decades

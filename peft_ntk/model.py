@@ -19,7 +19,7 @@ from .config import NTKAttentionConfig
 from .layer import MERGE_ERROR, NTKAttentionLayer
 from .registration import NTK_PREFIX
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: its verbosity is ours
 
 TESTED_ARCHITECTURES = ("Llama", "Mistral", "Qwen2", "GPT-2", "BERT", "ViT", "T5")
 

@@ -34,7 +34,7 @@ from transformers.utils import logging
 
 from .registration import NTK_PEFT_TYPE
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: its verbosity is ours
 
 __all__ = [
     "NTKModelCardCallback",
@@ -320,8 +320,8 @@ def ntk_model_card_section(model: PeftModel, repo_id: Optional[str] = None) -> s
     lines += [
         "```",
         "",
-        "Without `import peft_ntk`, PEFT stops with ``KeyError: 'NTK_ATTENTION (adapter type from the "
-        "peft-ntk-rankgen package: run `import peft_ntk` first)'``. The adapter cannot be merged into the base "
+        "Without `import peft_ntk` (from `pip install peft-ntk-rankgen`), PEFT stops with "
+        "``KeyError: 'NTK_ATTENTION'``: the import registers the adapter type. The adapter cannot be merged into the base "
         "weights (`merge_and_unload` refuses): the prefix term is a non-linear function of the query.",
     ]
     settings = getattr(model, _SETTINGS_ATTRIBUTE, None)

@@ -3,8 +3,10 @@
 PEFT only registers methods named in its closed ``PeftType`` enum, so a plugin has to add the member itself. Both
 steps are idempotent: importing ``peft_ntk`` twice, or reloading it, changes nothing.
 
-The member's *value* is what ``adapter_config.json`` stores as ``peft_type``. PEFT reports an unknown type by raising
-``KeyError(<value>)``, so the value carries the instruction a user needs when ``peft_ntk`` was not imported.
+The member's *value*, ``"NTK_ATTENTION"``, is what ``adapter_config.json`` stores as ``peft_type``, as PEFT's own
+types store theirs. Where ``peft_ntk`` was not imported PEFT stops with ``KeyError: 'NTK_ATTENTION'``; the adapter's
+model card says to import it. Adapters saved by versions that stored a longer value (the instruction spelled out in
+the value) still load: that value is registered as an alias of the member.
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ import enum
 from peft.utils import PeftType
 
 NTK_PEFT_TYPE_NAME = "NTK_ATTENTION"
-NTK_PEFT_TYPE_VALUE = "NTK_ATTENTION (adapter type from the peft-ntk-rankgen package: run `import peft_ntk` first)"
+NTK_PEFT_TYPE_VALUE = NTK_PEFT_TYPE_NAME
+# what 0.1.0 stored as peft_type; still accepted when loading
+LEGACY_PEFT_TYPE_VALUES = (
+    "NTK_ATTENTION (adapter type from the peft-ntk-rankgen package: run `import peft_ntk` first)",
+)
 NTK_PREFIX = "ntk_"
 
 
@@ -30,6 +36,8 @@ def _add_peft_type_member() -> PeftType:
         member._sort_order_ = len(PeftType._member_names_)
     PeftType._member_map_[NTK_PEFT_TYPE_NAME] = member
     PeftType._value2member_map_[NTK_PEFT_TYPE_VALUE] = member
+    for legacy in LEGACY_PEFT_TYPE_VALUES:
+        PeftType._value2member_map_[legacy] = member
     PeftType._member_names_.append(NTK_PEFT_TYPE_NAME)
     # EnumType.__setattr__ refuses new members; the plain type setter makes `PeftType.NTK_ATTENTION` resolve.
     type.__setattr__(PeftType, NTK_PEFT_TYPE_NAME, member)
@@ -57,3 +65,5 @@ def register_with_peft() -> None:
         if current is not None and current != value and not ours:
             raise RuntimeError(f"PEFT already has a different {NTK_PEFT_TYPE_NAME} registration: {current!r}")
         table[NTK_PEFT_TYPE] = value
+        for legacy in LEGACY_PEFT_TYPE_VALUES:  # PEFT looks the stored string up in these tables
+            table[legacy] = value

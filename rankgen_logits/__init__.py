@@ -15,11 +15,16 @@ cache rows of the survivors are reordered after each scoring round.
   the wrapper and ``enable_rankgen_generate()`` puts it back (both idempotent).
 """
 
+from importlib import metadata as _metadata
+
 from .generation import RankGenSettings, rankgen_generate  # noqa: F401
 from .hub import push_scorer_to_hub, record_scorer_training_settings  # noqa: F401
 from .patch import disable_rankgen_generate, enable_rankgen_generate, rankgen_generate_enabled  # noqa: F401
 from .scorer import RankGenConfig, RankGenScorer  # noqa: F401
 
-__version__ = "0.1.0"
+try:  # one version for both packages: the distribution's (peft_ntk.__version__ is its source)
+    __version__ = _metadata.version("peft-ntk-rankgen")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 enable_rankgen_generate()

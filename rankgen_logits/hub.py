@@ -27,7 +27,7 @@ from typing import Any, Optional, Union
 
 from transformers.utils import logging
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: its verbosity is ours
 
 __all__ = [
     "not_cached_hint",

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: its verbosity is ours
 
 __all__ = ["PairConfig", "make_pairs", "as_pairs_dataset", "add_generated_negatives", "RankGenCollator"]
 
@@ -122,6 +122,18 @@ def make_pairs(documents: Iterable[str], config: PairConfig | None = None) -> li
     return rows
 
 
+def require_datasets():
+    """The ``datasets`` module, which only training needs: an ImportError that says how to install it otherwise."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(
+            "Training RankGen scorers needs the `datasets` package: pip install 'peft-ntk-rankgen[train]' "
+            "(or pip install datasets)."
+        ) from err
+    return datasets
+
+
 def as_pairs_dataset(data: Any, config: PairConfig | None = None):
     """A :class:`datasets.Dataset` of training examples from documents or ready-made pairs.
 
@@ -130,8 +142,7 @@ def as_pairs_dataset(data: Any, config: PairConfig | None = None):
     ``negatives`` column becomes empty lists); otherwise ``config.text_column`` holds documents for
     :func:`make_pairs`.
     """
-    import datasets
-
+    datasets = require_datasets()
     config = config or PairConfig()
     if isinstance(data, (list, tuple)):
         if data and all(isinstance(d, str) for d in data):

@@ -24,10 +24,11 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import train_word_tokenizer as _train_tokenizer
+from helpers import write_official_rankgen_checkpoint as _write_official_checkpoint
 from peft import PeftModel, get_peft_model
 from test_generation import tiny_llama
 from test_models import _save_llama_adapter, ntk_config, tiny_model
-from test_scorer import _train_tokenizer, _write_official_checkpoint
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     BloomConfig,
@@ -533,7 +534,7 @@ def test_config_only_folder_still_loads(tmp_path):
 
 
 def test_load_without_import_names_the_fix(env):
-    """In a process that never imported peft_ntk, PEFT's error for the unknown type says to import it."""
+    """In a process that never imported peft_ntk, PEFT's error names the type, and the adapter's card the fix."""
     child = textwrap.dedent(
         """
         import sys
@@ -558,8 +559,10 @@ def test_load_without_import_names_the_fix(env):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("KeyError")
-    assert "NTK_ATTENTION" in proc.stdout and "run `import peft_ntk` first" in proc.stdout
-    assert json.loads((env.adapter / "adapter_config.json").read_text())["peft_type"].startswith("NTK_ATTENTION")
+    assert "NTK_ATTENTION" in proc.stdout
+    assert json.loads((env.adapter / "adapter_config.json").read_text())["peft_type"] == "NTK_ATTENTION"
+    card = (env.adapter / "README.md").read_text()
+    assert "import peft_ntk" in card and "KeyError: 'NTK_ATTENTION'" in card
 
 
 # ------------------------------------------------------------------------------------------ inputs that must work
@@ -592,9 +595,9 @@ def test_scorer_with_another_vocabulary_and_replacement_characters(env):
     assert torch.equal(out.sequences[:, :width], inputs["input_ids"])
     texts = gen_tok.batch_decode(out.sequences[:, width:], skip_special_tokens=True)
     assert any("\ufffd" in text for text in texts)  # random bytes: split multi-byte characters
-    assert torch.isfinite(out.scores).all()
+    assert torch.isfinite(out.sequences_scores).all()
     expected = env.scorer.score(prompts, texts)
-    torch.testing.assert_close(out.scores.float(), expected.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.sequences_scores.float(), expected.float(), rtol=1e-4, atol=1e-4)
 
 
 def test_replacement_character_scores_like_other_text(env):
