@@ -181,9 +181,8 @@ def plot(report: dict, path: Path) -> Optional[Path]:
             if "prefix_share" in r:
                 share = r["prefix_share"]
                 axes[2].plot([s["step"] for s in share], [s["mean"] for s in share], color=color, label=label)
-    axes[1].axhline(report["base_test_ppl"], color="k", ls=":", label="base (test)")
     axes[0].set(title="training loss", xlabel="step")
-    axes[1].set(title="validation perplexity", xlabel="step")
+    axes[1].set(title="validation perplexity (step 0: the base model)", xlabel="step")
     axes[2].set(title="NTK: mean prefix share of attention", xlabel="step", yscale="log")
     for ax in axes:
         ax.legend(fontsize=7)

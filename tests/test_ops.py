@@ -35,7 +35,7 @@ def padding_mask(b, lq, lk, lengths):
 
 
 def logspace_reference(q, k, v, z, kvec, mask=None, is_causal=False, scaling=None):
-    """Independent float64 reference in the DESIGN.md form: w = sigmoid(LSE - log a), out = w O + (1 - w) u / a."""
+    """Independent float64 reference in the paper's sigmoid form: w = sigmoid(LSE - log a), out = w O + (1 - w) u / a."""
     h = q.shape[1]
     k = k.repeat_interleave(h // k.shape[1], dim=1)
     v = v.repeat_interleave(h // v.shape[1], dim=1)
