@@ -179,7 +179,12 @@ class RankGenSettings:
         if scorer is None:
             if not settings.get("scorer"):
                 raise ValueError("RankGenSettings.from_dict needs 'scorer' (a folder or Hub id), or pass scorer=.")
-            from .metrics import resolve_scorer
+            try:  # absolute, so that the module also works as an exported custom_generate folder
+                from rankgen_logits.metrics import resolve_scorer
+            except ImportError as err:
+                raise ImportError(
+                    "Loading a scorer by name needs the peft-ntk-rankgen package; pass the scorer object as scorer="
+                ) from err
 
             scorer = resolve_scorer(settings["scorer"], settings.get("scorer_tokenizer"))
         options = {k: v for k, v in settings.items() if k not in ("scorer", "scorer_tokenizer")}

@@ -7,6 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ntk_speed.py"
 
 
@@ -241,3 +243,21 @@ def test_quick_rankgen_loop_profile(tmp_path):
         assert r["steps"] == 24 and r["wall_ms_per_step"] > 0 and r["aten_ops_per_step"] > 0
         assert r["cuda_kernels_per_step"] is None and "cuda_syncs" not in r and len(r["top_self_cpu"]) == 3
     assert report["results"]["beam"]["host_reads"]["median_per_decode_step"] == 1
+
+
+@pytest.mark.real_model
+def test_quick_causal_lm_adaptation_on_smollm2(tmp_path, smollm2_path, two_threads):
+    """benchmarks/causal_lm_adaptation.py --quick: NTK and LoRA on the real SmolLM2, curves, diagnostics, JSON + PNG."""
+    spec = importlib.util.spec_from_file_location("causal_lm_adaptation", BENCH.parent / "causal_lm_adaptation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--quick", "--output-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "causal_lm_adaptation_quick.json").read_text())
+    assert saved["summary"] == report["summary"] and set(saved["summary"]) == {"ntk", "lora"}
+    assert saved["summary"]["ntk"]["trainable_params"] == 30 * 9 * (64 * 64 + 64)
+    assert saved["summary"]["lora"]["trainable_params"] == 30 * 8 * ((576 + 576) + (576 + 192))
+    ntk = saved["runs"]["ntk"][0]
+    assert [step for step, _ in ntk["validation_curve"]] == [0, 2, 4]
+    assert ntk["prefix_share"][0]["max"] == 0.0 < ntk["prefix_share"][-1]["mean"]  # zeros init: no prefix at first
+    assert all(1 < r[0]["test_ppl"] < 100 for r in saved["runs"].values())
+    assert (tmp_path / "causal_lm_adaptation_quick.png").is_file()

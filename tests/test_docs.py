@@ -20,6 +20,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 try:
@@ -33,7 +34,7 @@ from helpers import train_word_tokenizer, write_official_rankgen_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+FENCE = re.compile(r"^ *```(\w*)\n(.*?)^ *```", re.S | re.M)  # fences may be indented (inside lists)
 LANGUAGES = {"python", "bash", "yaml", "json", "text", "bibtex"}
 HUB_USER, HUB_TOKEN = "your-name", "hf_docs_token"
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -42,7 +43,7 @@ pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 def blocks(page: Path, language: str) -> list[str]:
-    return [body for lang, body in FENCE.findall(page.read_text()) if lang == language]
+    return [textwrap.dedent(body) for lang, body in FENCE.findall(page.read_text()) if lang == language]
 
 
 def page_id(page: Path) -> str:

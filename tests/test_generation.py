@@ -804,3 +804,60 @@ def test_rankgen_scores_are_sequences_scores_and_scores_is_deprecated(model, tok
     with pytest.warns(FutureWarning, match="sequences_scores"):
         old = out.scores
     assert torch.equal(old, out.sequences_scores)
+
+
+CUSTOM_GENERATE_CHILD = """
+import json, sys
+sys.modules["rankgen_logits"] = None  # a user who cannot install the package: only torch and transformers
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+class WordCount:
+    def score(self, prefixes, continuations):
+        return torch.tensor([float(c.split().count("cat")) for c in continuations])
+
+folder, model_dir, out = sys.argv[1:]
+tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
+model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+inputs = tok(["the cat", "a dog and the"], return_tensors="pt", padding=True)
+torch.manual_seed(0)
+result = model.generate(**inputs, custom_generate=folder, trust_remote_code=True, rankgen={"scorer": WordCount(),
+                        "num_samples": 3, "rerank_every": 4}, rankgen_tokenizer=tok, top_p=0.9, max_new_tokens=8,
+                        suppress_tokens=[tok.pad_token_id, tok.unk_token_id])
+assert "rankgen_logits" not in [m for m in sys.modules if sys.modules[m] is not None]
+json.dump(result.tolist(), open(out, "w"))
+"""
+
+
+def test_exported_custom_generate_folder_decodes_like_the_package_without_it(model, tok, tmp_path):
+    import json
+    import os
+
+    from rankgen_logits.custom_generate import export_custom_generate
+
+    folder = export_custom_generate(tmp_path / "rankgen-decoding")
+    assert (folder / "custom_generate" / "generate.py").is_file() and (folder / "README.md").is_file()
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", CUSTOM_GENERATE_CHILD, str(folder), str(tmp_path / "model"), str(tmp_path / "o.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    inputs = tok(["the cat", "a dog and the"], return_tensors="pt", padding=True)
+    expected = rankgen(
+        model,
+        tok,
+        WordCount(),
+        inputs,
+        num_samples=3,
+        rerank_every=4,
+        top_p=0.9,
+        max_new_tokens=8,
+        suppress_tokens=[tok.pad_token_id, tok.unk_token_id],
+    )
+    assert json.loads((tmp_path / "o.json").read_text()) == expected.tolist()
