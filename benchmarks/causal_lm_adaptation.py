@@ -199,8 +199,17 @@ def plot(report: dict, path: Path) -> Optional[Path]:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
+    previous_threads, previous_verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
     torch.set_num_threads(args.threads or min(4, os.cpu_count() or 1))
-    hf_logging.set_verbosity_error()
+    hf_logging.set_verbosity_error()  # the table and the Trainer's logs, not every library warning
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(previous_threads)
+        hf_logging.set_verbosity(previous_verbosity)
+
+
+def run(args: argparse.Namespace) -> dict:
     path = causal_lm_path(args.model)
     from transformers import AutoTokenizer
 

@@ -97,10 +97,28 @@ def small_smollm2(tmp_path_factory, smollm2_path) -> str:
     return str(folder)
 
 
+# Blocks that need what this machine cannot have get it from a local stand-in, declared here, never a skip.
+PRELUDES = {
+    # DeepSpeed (a GPU launcher) is not installed: an engine around a small NTK model, and a register function
+    # that records what it is given
+    "distributed.md": """
+import types, torch, peft_ntk
+from peft import get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+_config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+engine = types.SimpleNamespace(module=get_peft_model(LlamaForCausalLM(_config), peft_ntk.NTKAttentionConfig()))
+registered = []
+deepspeed = types.SimpleNamespace(zero=types.SimpleNamespace(
+    register_external_parameter=lambda module, p: registered.append((type(module).__name__, tuple(p.shape)))))
+""",
+}
+
 RUNNER = """
 import json, os, re, sys
 request = json.load(open(sys.argv[1]))
 namespace = {"__name__": "__docs__"}
+exec(request["prelude"], namespace)
 for number, code in enumerate(request["blocks"], start=1):
     named = set(re.findall(r'"([\\w.-]+/[\\w.-]+)"', code))
     unknown = sorted(n for n in named if n not in request["stand_ins"] and not n.startswith(request["hub_user"] + "/")
@@ -110,7 +128,7 @@ for number, code in enumerate(request["blocks"], start=1):
     for hub_id, local in request["stand_ins"].items():
         code = code.replace('"' + hub_id + '"', repr(local))
     exec(compile(code, request["page"] + f", python block {number}", "exec"), namespace)
-checks = {"names": sorted(k for k in namespace if not k.startswith("_"))}
+checks = {"names": sorted(k for k in namespace if not k.startswith("_")), "registered": namespace.get("registered")}
 out = namespace.get("out")
 if hasattr(out, "sequences_scores"):
     checks["sequences_scores_shape"] = list(out.sequences_scores.shape)
@@ -126,6 +144,7 @@ def run_page(page: Path, stand_ins: dict[str, str], tmp_path: Path, env: dict[st
         json.dumps(
             {
                 "blocks": blocks(page, "python"),
+                "prelude": PRELUDES.get(page.name, ""),
                 "stand_ins": stand_ins,
                 "hub_user": HUB_USER,
                 "page": page_id(page),
@@ -165,6 +184,8 @@ def test_python_blocks_run_as_written(page, common_stand_ins, small_smollm2, smo
             assert not hub.unhandled, hub.unhandled
     else:
         checks = run_page(page, stand_ins, tmp_path, {"HF_HUB_OFFLINE": "1"})
+    if page.name == "distributed.md":  # both layers' Z and k registered with the stand-in
+        assert sorted(checks["registered"]) == sorted([["LlamaAttention", [4, 8, 8]], ["LlamaAttention", [4, 8]]] * 2)
     if real:
         assert "trainable params: 1,123,200" in checks["stdout"]  # the count the quickstart states
         assert (tmp_path / "work" / "my-ntk-adapter" / "adapter_model.safetensors").is_file()
