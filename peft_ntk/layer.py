@@ -251,12 +251,6 @@ class NTKAttentionLayer(nn.Module, BaseTunerLayer):
         """``(Z, k)`` of one adapter as the attention uses them: ``(Z, |k|)``, differentiable in the parameters."""
         return self.ntk_z[adapter_name], nonnegative(self.ntk_k[adapter_name])
 
-    def set_effective_prefix(self, adapter_name: str, z: torch.Tensor, k: torch.Tensor) -> None:
-        """Store ``(Z, k)`` (k >= 0) so that :meth:`effective_prefix` returns them."""
-        with torch.no_grad():
-            self.ntk_z[adapter_name].copy_(z.to(self.ntk_z[adapter_name].dtype))
-            self.ntk_k[adapter_name].copy_(k.to(self.ntk_k[adapter_name].dtype))
-
     def adapter_feature_map(self, adapter_name: str) -> Union[str, FeatureMap]:
         """The feature map of one adapter: its registered name, or a PositiveRandomFeatures on its projection."""
         name = self.ntk_feature_map[adapter_name]
