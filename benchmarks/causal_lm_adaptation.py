@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
@@ -34,12 +33,11 @@ from typing import Any, Optional
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, TrainerCallback, set_seed
-from transformers.utils import logging as hf_logging
 
 import peft_ntk
 from ntk_rankgen_assets.models import causal_lm_path
 from ntk_rankgen_assets.texts import python_reference_docs, split_documents, token_blocks
-from ntk_rankgen_assets.training import logged_losses, perplexity, train_on_blocks
+from ntk_rankgen_assets.training import logged_losses, perplexity, quiet_run, train_on_blocks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = {
@@ -199,14 +197,8 @@ def plot(report: dict, path: Path) -> Optional[Path]:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
-    previous_threads, previous_verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
-    torch.set_num_threads(args.threads or min(4, os.cpu_count() or 1))
-    hf_logging.set_verbosity_error()  # the table and the Trainer's logs, not every library warning
-    try:
+    with quiet_run(args.threads):
         return run(args)
-    finally:
-        torch.set_num_threads(previous_threads)
-        hf_logging.set_verbosity(previous_verbosity)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -39,12 +39,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, set_seed
-from transformers.utils import logging as hf_logging
 
 import peft_ntk  # registers the NTK_ATTENTION adapter type
 from ntk_rankgen_assets import load_causal_lm, load_encoder
 from ntk_rankgen_assets.texts import python_reference_docs, split_documents, stdlib_docstrings, token_blocks
-from ntk_rankgen_assets.training import logged_losses, perplexity, train_bpe_tokenizer, train_on_blocks
+from ntk_rankgen_assets.training import logged_losses, perplexity, quiet_run, train_bpe_tokenizer, train_on_blocks
 from rankgen_logits import RankGenSettings
 from rankgen_logits.train import PooledEncoderScorer
 
@@ -251,15 +250,8 @@ def mauve_scores(references: list[str], outputs: dict, encoder, encoder_tokenize
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
-    threads = args.threads or min(4, os.cpu_count() or 1)
-    previous_threads, previous_verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
-    torch.set_num_threads(threads)
-    hf_logging.set_verbosity_error()  # the demo's own prints, the progress bars and the training logs
-    try:
+    with quiet_run(args.threads):  # the demo's own prints, the progress bars and the training logs
         return run(args)
-    finally:
-        torch.set_num_threads(previous_threads)
-        hf_logging.set_verbosity(previous_verbosity)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -6,8 +6,10 @@ blocks: what a benchmark needs when no pretrained model may be downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -15,6 +17,24 @@ import torch
 from tqdm.auto import tqdm
 
 EOS = "<|endoftext|>"
+
+
+@contextlib.contextmanager
+def quiet_run(threads: Optional[int] = None) -> Iterator[None]:
+    """For a script's main: torch threads set (default: every core, at most 4) and transformers' logs at errors only
+    (the script prints its own table and progress bars); both put back afterwards, so tests can call main()."""
+    import os
+
+    from transformers.utils import logging as hf_logging
+
+    previous_threads, previous_verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
+    torch.set_num_threads(threads or min(4, os.cpu_count() or 1))
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous_threads)
+        hf_logging.set_verbosity(previous_verbosity)
 
 
 def train_bpe_tokenizer(texts: list[str], vocab_size: int) -> Any:

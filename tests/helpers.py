@@ -9,7 +9,7 @@ from pydoc_data.topics import topics
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 TINY_T5 = dict(
     vocab_size=200,
@@ -84,3 +84,20 @@ def write_official_rankgen_checkpoint(
         json.dump(config_dict, f, indent=2)
     torch.save(state_dict, os.path.join(directory, "pytorch_model.bin"))
     return state_dict
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> LlamaForCausalLM:
+    """A 2-layer Llama with grouped-query heads (4 query / 2 key-value heads of 8), weights large enough that an
+    adapter's effect shows, in eval mode."""
+    torch.manual_seed(seed)
+    settings = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(LlamaConfig(**(settings | overrides))).to(dtype).eval()

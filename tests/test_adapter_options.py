@@ -6,27 +6,12 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_llama
 from peft import PeftModel, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_ntk
 from peft_ntk import NTKAttentionConfig
 from peft_ntk.attention import query_before_rotary
-
-
-def tiny_llama(seed: int = 0, dtype=torch.float32) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).to(dtype).eval()
 
 
 def left_padded_batch():
