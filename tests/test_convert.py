@@ -7,8 +7,9 @@ import math
 
 import pytest
 import torch
+from helpers import ntk_config, sdpa_llama
 from peft import LoraConfig, PrefixTuningConfig, get_peft_model
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 import peft_ntk
@@ -18,32 +19,14 @@ from peft_ntk.feature_maps import PositiveRandomFeatures
 PREFIX_LEN = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()
 def prefix_model():
-    model = get_peft_model(llama(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PREFIX_LEN)).eval()
+    model = get_peft_model(
+        sdpa_llama(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PREFIX_LEN)
+    ).eval()
     with torch.no_grad():  # a prefix with visible, but not extreme, effect
         model.prompt_encoder["default"].embedding.weight.mul_(0.7)
     return model
@@ -99,10 +82,6 @@ def explicit_prefix_logits(prefix_model, kernel) -> torch.Tensor:
         return base(input_ids=IDS, use_cache=False).logits
 
 
-def ntk_config(**kw):
-    return peft_ntk.NTKAttentionConfig(task_type="CAUSAL_LM", **kw)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -156,13 +135,13 @@ def test_converted_adapter_is_a_normal_ntk_adapter(prefix_model, tmp_path):
 
     converted = peft_ntk.convert_prefix_tuning(prefix_model, ntk_config(feature_map="favor", feature_dim=16)).eval()
     converted.save_pretrained(tmp_path)
-    reloaded = PeftModel.from_pretrained(copy.deepcopy(llama()), tmp_path).eval()
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(sdpa_llama()), tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=IDS).logits, converted(input_ids=IDS).logits)
 
 
 def test_non_prefix_models_are_refused():
-    lora = get_peft_model(llama(), LoraConfig(target_modules=["q_proj"]))
+    lora = get_peft_model(sdpa_llama(), LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="active adapter is prefix tuning"):
         peft_ntk.convert_prefix_tuning(lora)
 

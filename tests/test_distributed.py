@@ -17,7 +17,6 @@ Each launch takes 4-10 s on 2 CPU cores; the module about 40 s.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "examples" / "distributed_ntk_train.py"
@@ -125,10 +125,7 @@ def accelerate_launch(script: Path, *args: str, cwd: Path) -> str:
 
 
 def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"_example_{name}", REPO / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "examples" / f"{name}.py", f"_example_{name}")
 
 
 def read_rank(out: Path, rank: int) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -30,7 +30,7 @@ except ImportError:  # Python 3.10: the same parser, from the dev extra
 
 import pytest
 from fake_hub import FakeHub
-from helpers import train_word_tokenizer, write_official_rankgen_checkpoint
+from helpers import tiny_model, train_word_tokenizer, write_official_rankgen_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -73,26 +73,18 @@ def common_stand_ins(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def small_smollm2(tmp_path_factory, smollm2_path) -> str:
     """A 2-layer Llama with SmolLM2's tokenizer and head layout (9 query / 3 key-value heads of 8)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     folder = tmp_path_factory.mktemp("small-smollm2")
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=72,
-        intermediate_size=144,
-        num_hidden_layers=2,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+    heads = dict(hidden_size=72, intermediate_size=144, num_attention_heads=9, num_key_value_heads=3)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model = tiny_model(
+        "llama", vocab_size=len(tokenizer), max_position_embeddings=2048, tie_word_embeddings=True, **heads, **ids
+    )
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 

@@ -5,15 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_benchmark, sdpa_llama
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_ntk
 from peft_ntk import ops
@@ -26,15 +23,7 @@ from peft_ntk.feature_maps import (
 from peft_ntk.kernels import fused_ntk_attention
 from peft_ntk.ops import PrefixStateAccumulator, naive_ntk_attention, ntk_attention, prefix_state_from_keys_values
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def kernel_relative_error(r: int, seed: int, orthogonal: bool, d: int = 16, n: int = 64) -> float:
@@ -177,28 +166,13 @@ def test_stabilized_features_are_bounded_and_exact():
 # the adapter
 
 
-def llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 def favor_config(**kw):
     kw.setdefault("feature_dim", 24)
     return peft_ntk.NTKAttentionConfig(task_type="CAUSAL_LM", feature_map="favor", init_weights=False, **kw)
 
 
 def test_favor_adapter_shapes_buffer_and_parameter_count():
-    model = get_peft_model(llama(), favor_config(feature_dim=40))
+    model = get_peft_model(sdpa_llama(), favor_config(feature_dim=40))
     layer = model.base_model.model.model.layers[0].self_attn
     assert layer.ntk_z["default"].shape == (4, 40, 8) and layer.ntk_k["default"].shape == (4, 40)
     assert layer.ntk_projection["default"].shape == (40, 8)
@@ -209,7 +183,7 @@ def test_favor_adapter_shapes_buffer_and_parameter_count():
 
 
 def test_default_config_is_unchanged_elu_with_r_equal_head_dim():
-    model = get_peft_model(llama(), peft_ntk.NTKAttentionConfig(task_type="CAUSAL_LM"))
+    model = get_peft_model(sdpa_llama(), peft_ntk.NTKAttentionConfig(task_type="CAUSAL_LM"))
     layer = model.base_model.model.model.layers[0].self_attn
     assert layer.ntk_z["default"].shape == (4, 8, 8) and layer.ntk_k["default"].shape == (4, 8)
     assert len(layer.ntk_projection) == 0
@@ -220,8 +194,8 @@ def test_default_config_is_unchanged_elu_with_r_equal_head_dim():
 
 
 def test_favor_adapter_saves_loads_and_gives_identical_outputs(tmp_path):
-    base_state = {k: v.clone() for k, v in llama().state_dict().items()}
-    model = get_peft_model(llama(), favor_config(feature_seed=3)).eval()
+    base_state = {k: v.clone() for k, v in sdpa_llama().state_dict().items()}
+    model = get_peft_model(sdpa_llama(), favor_config(feature_seed=3)).eval()
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     expected = model(input_ids=ids).logits
     with model.disable_adapter():
@@ -236,7 +210,7 @@ def test_favor_adapter_saves_loads_and_gives_identical_outputs(tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     config["feature_seed"] = 12345
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    fresh = llama(seed=7)
+    fresh = sdpa_llama(seed=7)
     fresh.load_state_dict(base_state)
     reloaded = PeftModel.from_pretrained(fresh, tmp_path).eval()
     assert torch.equal(reloaded(input_ids=ids).logits, expected)
@@ -245,24 +219,24 @@ def test_favor_adapter_saves_loads_and_gives_identical_outputs(tmp_path):
 
 
 def test_favor_adapter_fused_and_reference_backends_agree():
-    fused = get_peft_model(llama(), favor_config(attention_backend="fused")).eval()
-    reference = get_peft_model(llama(), favor_config(attention_backend="reference")).eval()
+    fused = get_peft_model(sdpa_llama(), favor_config(attention_backend="fused")).eval()
+    reference = get_peft_model(sdpa_llama(), favor_config(attention_backend="reference")).eval()
     reference.load_state_dict(fused.state_dict())
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(fused(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
 
 
 def test_favor_adapter_with_other_feature_dim_does_not_fit(tmp_path):
-    get_peft_model(llama(), favor_config(feature_dim=24)).save_pretrained(tmp_path)
+    get_peft_model(sdpa_llama(), favor_config(feature_dim=24)).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     config["feature_dim"] = 32
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="does not fit this model"):
-        PeftModel.from_pretrained(llama(), tmp_path)
+        PeftModel.from_pretrained(sdpa_llama(), tmp_path)
 
 
 def test_two_favor_adapters_with_different_projections_cannot_be_combined():
-    model = get_peft_model(llama(), favor_config(feature_seed=1))
+    model = get_peft_model(sdpa_llama(), favor_config(feature_seed=1))
     model.add_adapter("other", favor_config(feature_seed=2))
     model.base_model.set_adapter(["default", "other"])
     with pytest.raises(ValueError, match="different random projections"):
@@ -291,13 +265,7 @@ def test_favor_name_without_projection_says_what_to_do():
 
 def test_bench_feature_maps_quick(tmp_path):
     out = tmp_path / "fm"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_feature_maps.py"), "--quick", "--output-dir", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
-    )
+    result = run_benchmark("bench_feature_maps", "--quick", "--output-dir", str(out), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((out / "feature_maps_quick.json").read_text())
     if importlib.util.find_spec("matplotlib") is not None:  # the plot is optional (the bench extra)

@@ -12,14 +12,13 @@ import sys
 
 import pytest
 import torch
+from helpers import PROMPTS, ROOT, STORY_WORDS, WordCount, batch, load_script, no_specials, rankgen, tiny_llama_for
 from peft import get_peft_model
 from transformers import (
     GenerationMixin,
-    LlamaConfig,
     LlamaForCausalLM,
     LogitsProcessor,
     LogitsProcessorList,
-    PreTrainedTokenizerFast,
     pipeline,
 )
 from transformers.testing_utils import CaptureLogger
@@ -36,19 +35,7 @@ from rankgen_logits.generation import logger as generation_logger
 from rankgen_logits.generation import split_for_window
 from rankgen_logits.patch import rankgen_generate_enabled
 
-WORDS = (
-    "the cat sat on a mat dog ran in park with ball bird sang song tree apple banana red blue green house "
-    "road car train river hill sun moon star"
-).split()
-PROMPTS = ["the dog ran in", "a bird sang", "red car on the road", "sun"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -60,60 +47,8 @@ def _unpatched():
 
 
 @pytest.fixture(scope="module")
-def tok() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    raw = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    raw.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    raw.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[EOS]"]))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]", padding_side="left"
-    )
-
-
-def tiny_llama(tok, seed: int = 0, max_positions: int = 128) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-        initializer_range=0.2,  # outputs depend visibly on the input, so padding bugs would show
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="module")
 def model(tok) -> LlamaForCausalLM:
-    return tiny_llama(tok)
-
-
-def batch(tok, prompts=PROMPTS):
-    return tok(list(prompts), return_tensors="pt", padding=True)
-
-
-def no_specials(tok, *extra) -> dict:
-    """Generation kwargs that keep [PAD]/[UNK] (and EOS unless allowed) out of the samples."""
-    return {"suppress_tokens": [tok.pad_token_id, tok.unk_token_id, *extra]}
-
-
-class WordCount:
-    """Prefers continuations with many occurrences of ``word``; records what it is asked."""
-
-    def __init__(self, word: str = "cat"):
-        self.word = word
-        self.calls: list[tuple[list[str], list[str]]] = []
-
-    def score(self, prefixes, continuations):
-        self.calls.append((list(prefixes), list(continuations)))
-        return torch.tensor([float(c.split().count(self.word)) for c in continuations])
+    return tiny_llama_for(tok)
 
 
 class VectorWordCount(WordCount):
@@ -151,18 +86,6 @@ class ForwardCounter:
 
     def __exit__(self, *exc):
         self.handle.remove()
-
-
-def rankgen(model, tok, scorer, inputs, seed=0, **kwargs):
-    settings = {k: kwargs.pop(k) for k in ("mode", "num_beams", "num_samples", "rerank_every") if k in kwargs}
-    torch.manual_seed(seed)
-    return model.generate(
-        **inputs,
-        custom_generate=rankgen_generate,
-        rankgen=RankGenSettings(scorer, tokenizer=tok, **settings),
-        do_sample=True,
-        **kwargs,
-    )
 
 
 def continuations(tok, sequences, prompt_length):
@@ -319,17 +242,8 @@ def test_top_p_runs_on_candidates_unless_a_processor_follows_it(model, tok, monk
     monkeypatch.setattr(
         TopPLogitsWarper, "__call__", lambda self, ids, scores: calls.append(1) or original(self, ids, scores)
     )
-    out = rankgen(
-        model,
-        tok,
-        WordCount(),
-        batch(tok),
-        num_samples=3,
-        rerank_every=3,
-        max_new_tokens=6,
-        min_new_tokens=6,
-        **sampling,
-    )
+    settings = dict(num_samples=3, rerank_every=3, max_new_tokens=6, min_new_tokens=6)
+    out = rankgen(model, tok, WordCount(), batch(tok), **settings, **sampling)
     assert out.shape[1] == batch(tok)["input_ids"].shape[1] + 6
     assert len(calls) == stock_top_p_calls
 
@@ -554,8 +468,8 @@ def test_num_return_sequences_returns_the_best_candidates(model, tok):
 
 
 def test_long_prompt_is_truncated_from_the_left_with_a_warning(tok):
-    small = tiny_llama(tok, max_positions=32)
-    prompt = " ".join(WORDS[:28])
+    small = tiny_llama_for(tok, max_positions=32)
+    prompt = " ".join(STORY_WORDS[:28])
     inputs = batch(tok, [prompt])
     scorer = WordCount()
     with CaptureLogger(generation_logger) as captured, ForwardCounter(small) as counter:
@@ -655,7 +569,7 @@ def test_patch_is_idempotent_and_reversible(model, tok):
 
 
 def test_peft_model_with_ntk_adapter(tok):
-    base = tiny_llama(tok)
+    base = tiny_llama_for(tok)
     torch.manual_seed(1)
     peft_model = get_peft_model(base, peft_ntk.NTKAttentionConfig(task_type="CAUSAL_LM", init_weights=False))
     inputs = batch(tok)
@@ -709,15 +623,13 @@ def test_exports():
 
 
 def _syncs_per_forward(model, run) -> tuple[dict, set]:
-    """Run ``run()`` counting device→host reads (tests/test_sampling.py's SyncCounter) per window between model
+    """Run ``run()`` counting device→host reads (benchmarks/host_reads.py's SyncCounter) per window between model
     forwards: window ``f`` holds forward ``f`` and whatever runs before forward ``f + 1`` (for RankGen's loop: the
     sampling of token ``f``, the stopping check and, every L tokens, a scoring round). Also returns the windows in
     which the sampler redid a draw (a nucleus outgrew its candidates)."""
-    from test_sampling import SyncCounter
-
     import rankgen_logits.sampling as sampling
 
-    counter, redone = SyncCounter(), set()
+    counter, redone = load_script(ROOT / "benchmarks" / "host_reads.py").SyncCounter(), set()
     counter.mark = 0
     handle = model.register_forward_pre_hook(lambda *_: setattr(counter, "mark", counter.mark + 1))
     restore = sampling._set_rng_state

@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from fake_hub import FakeHub  # noqa: E402
-from test_saving import make_different, snapshot, tiny_base  # noqa: E402
+from helpers import TINY_T5, make_different, snapshot, tiny_base, tiny_rankgen_scorer, train_word_tokenizer  # noqa: E402
 
 ALICE, BOB = "hf_alice_token", "hf_bob_token"
 IDS = torch.arange(1, 9).view(1, 8)
@@ -104,13 +104,7 @@ def _push_leftovers() -> list:
 
 
 def _tiny_scorer(seed: int = 0):
-    from helpers import TINY_T5
-    from helpers import train_word_tokenizer as _train_tokenizer
-
-    from rankgen_logits import RankGenConfig, RankGenScorer
-
-    torch.manual_seed(seed)
-    return RankGenScorer(RankGenConfig(**TINY_T5), tokenizer=_train_tokenizer()).eval()
+    return tiny_rankgen_scorer(train_word_tokenizer(), seed, **TINY_T5).eval()
 
 
 def _scores(scorer) -> list:

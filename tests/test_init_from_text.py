@@ -5,14 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ntk_config, run_benchmark, tiny_llama
 from peft import get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import peft_ntk
@@ -22,16 +20,10 @@ from peft_ntk import init_from_text
 from peft_ntk.feature_maps import PositiveRandomFeatures
 from peft_ntk.ops import prefix_state_from_keys_values
 
-ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 32  # the tiny model's context window; the texts below are several times longer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -51,25 +43,13 @@ def long_text(docs, tok) -> str:
     return tok.decode(ids)
 
 
-def tiny_llama(tok, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query: Z, k are per query head, keys per KV head
-        max_position_embeddings=CONTEXT,
-        initializer_range=0.2,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 def ntk_model(tok, **config):
     config.setdefault("init_weights", False)  # a non-zero adapter: reading must not depend on it
-    return get_peft_model(tiny_llama(tok), peft_ntk.NTKAttentionConfig(task_type="CAUSAL_LM", **config)).eval()
+    # grouped-query heads: Z, k are per query head, keys per KV head
+    base = tiny_llama(
+        vocab_size=len(tok), max_position_embeddings=CONTEXT, pad_token_id=None, attn_implementation="sdpa"
+    )
+    return get_peft_model(base, ntk_config(**config)).eval()
 
 
 @torch.no_grad()
@@ -252,12 +232,8 @@ def test_empty_text_and_iterables_without_calibration_text_are_refused(tok):
 
 def test_long_context_experiment_quick(tmp_path):
     out = tmp_path / "lc"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "ntk_long_context.py"), "--quick", "--output-dir", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
+    result = run_benchmark(
+        "ntk_long_context", "--quick", "--output-dir", str(out), timeout=600, TOKENIZERS_PARALLELISM="false"
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     data = json.loads((out / "ntk_long_context_quick.json").read_text())

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import get_peft_model
-from test_ops import CASES, case_inputs, make_inputs, padding_mask
+from helpers import CASES, case_inputs, make_inputs, padding_mask, tiny_llama_ntk
 from torch.profiler import ProfilerActivity, profile
 
 import peft_ntk
@@ -113,24 +112,6 @@ def test_fused_path_does_not_materialise_scores():
         torch.set_num_threads(threads)
     assert reference >= scores_bytes  # the measurement sees a materialised score tensor when there is one
     assert fused < scores_bytes / 8, f"largest allocation {fused} B on the fused path"
-
-
-def tiny_llama_ntk(**config):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            attention_dropout=config.pop("attention_dropout", 0.0),
-        )
-    )
-    return get_peft_model(base, peft_ntk.NTKAttentionConfig(init_weights=False, **config))
 
 
 def test_backends_agree_on_a_model_with_padding():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_ops import CASES, case_inputs, make_inputs
+from helpers import CASES, case_inputs, make_inputs, tiny_llama_ntk
 from transformers.utils import logging as hf_logging
 
 import peft_ntk
@@ -257,8 +257,6 @@ def test_memory_grows_linearly_with_length(dtype):
 
 
 def _tiny_llama(backend: str, dtype: torch.dtype):
-    from test_kernels import tiny_llama_ntk
-
     return tiny_llama_ntk(attention_backend=backend).to(CUDA, dtype)
 
 

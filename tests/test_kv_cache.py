@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import torch
-from test_generation import PROMPTS, WordCount, batch, no_specials, rankgen, tiny_llama  # noqa: F401
-from test_generation import tok as tok  # noqa: F401  (the module-scoped tokenizer fixture)
+from helpers import WordCount, batch, no_specials, rankgen, rankgen_and_greedy, record_cached_forwards, tiny_llama_for
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 import rankgen_logits.generation as generation
@@ -88,40 +87,26 @@ def test_only_plain_filled_dynamic_layers_are_replaced():
     assert use_growing_layers(None, extra_tokens=5) == 0
 
 
-def test_rankgen_decoding_uses_it_and_gives_the_same_tokens(tok, monkeypatch):  # noqa: F811
-    model = tiny_llama(tok)
+def test_rankgen_decoding_uses_it_and_gives_the_same_tokens(tok, monkeypatch):
+    model = tiny_llama_for(tok)
     inputs = batch(tok)
     kwargs = {"num_beams": 2, "num_samples": 3, "rerank_every": 4, "max_new_tokens": 13, **no_specials(tok)}
 
-    seen: list[type] = []
-    original_forward = model.forward
-
-    def recording_forward(*args, **kw):
-        cache = kw.get("past_key_values", kw.get("cache"))
-        if cache is not None and cache.get_seq_length() > 0:
-            seen.append(type(cache.layers[0]))
-        return original_forward(*args, **kw)
-
-    monkeypatch.setattr(model, "forward", recording_forward)
+    seen = record_cached_forwards(model, monkeypatch)
     # the growing layers are the fallback of shared-prompt attention (tests/test_shared_prompt_attention.py)
     monkeypatch.setattr(generation, "use_shared_prompt_layers", lambda *args, **kw: False)
     growing = rankgen(model, tok, WordCount(), inputs, **kwargs)
-    assert seen and all(t is GrowingKVLayer for t in seen)
+    assert seen and all(t is GrowingKVLayer for t, _ in seen)
 
     monkeypatch.setattr(generation, "use_growing_layers", lambda cache, extra_tokens: 0)
     seen.clear()
     plain = rankgen(model, tok, WordCount(), inputs, **kwargs)
-    assert seen and all(t is DynamicLayer for t in seen)
+    assert seen and all(t is DynamicLayer for t, _ in seen)
     assert torch.equal(growing, plain)
 
 
-def test_growing_cache_matches_greedy_generate(tok, monkeypatch):  # noqa: F811
+def test_growing_cache_matches_greedy_generate(tok, monkeypatch):
     """With top_k=1 the samples are greedy: RankGen's rows must then equal transformers' own cached greedy decoding."""
     monkeypatch.setattr(generation, "use_shared_prompt_layers", lambda *args, **kw: False)
-    model = tiny_llama(tok)
-    inputs = batch(tok)
-    ours = rankgen(
-        model, tok, WordCount(), inputs, top_k=1, max_new_tokens=15, num_samples=2, rerank_every=6, **no_specials(tok)
-    )
-    greedy = model.generate(**inputs, do_sample=False, max_new_tokens=15, **no_specials(tok))
+    ours, greedy = rankgen_and_greedy(tiny_llama_for(tok), tok)
     assert torch.equal(ours, greedy)

@@ -6,24 +6,11 @@ import copy
 
 import pytest
 import torch
+from helpers import tiny_model
 from peft import get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_ntk
 from peft_ntk.layer import NTKAttentionLayer, nonnegative
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def ntk_layers(model):
@@ -43,7 +30,7 @@ def test_nonnegative_passes_gradient_at_zero_where_abs_does_not():
 
 
 def test_zero_init_is_the_base_model_and_still_trains():
-    base = tiny_llama()
+    base = tiny_model("llama")
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = base(ids).logits
@@ -68,13 +55,15 @@ def test_zero_init_is_the_base_model_and_still_trains():
 
 
 def test_small_random_init_follows_init_scale():
-    model = get_peft_model(tiny_llama(), peft_ntk.NTKAttentionConfig(init_weights="small_random", init_scale=1e-3))
+    model = get_peft_model(
+        tiny_model("llama"), peft_ntk.NTKAttentionConfig(init_weights="small_random", init_scale=1e-3)
+    )
     z = torch.cat([layer.ntk_z["default"].flatten() for layer in ntk_layers(model)])
     assert 0.5e-3 < z.std().item() < 2e-3
 
 
 def test_layer_is_transparent_to_surrounding_code():
-    model = get_peft_model(tiny_llama(), peft_ntk.NTKAttentionConfig())
+    model = get_peft_model(tiny_model("llama"), peft_ntk.NTKAttentionConfig())
     layer = ntk_layers(model)[1]
     assert layer.layer_idx == 1 and layer.is_causal is True
     assert layer.num_heads == 4 and layer.head_dim == 8
@@ -83,7 +72,7 @@ def test_layer_is_transparent_to_surrounding_code():
 
 
 def test_deepcopy_of_an_adapted_model_keeps_the_adapter_working():
-    model = get_peft_model(tiny_llama(), peft_ntk.NTKAttentionConfig(init_weights=False)).eval()
+    model = get_peft_model(tiny_model("llama"), peft_ntk.NTKAttentionConfig(init_weights=False)).eval()
     ids = torch.arange(8).view(1, 8)
     clone = copy.deepcopy(model)
     torch.testing.assert_close(clone(ids).logits, model(ids).logits, rtol=0, atol=0)
@@ -99,7 +88,7 @@ def test_deepcopy_of_an_adapted_model_keeps_the_adapter_working():
 
 def test_static_cache_generation_matches_dynamic_and_uncached():
     """A static cache's prefill passes empty future key slots with no mask; they must not be attended to."""
-    model = get_peft_model(tiny_llama(), peft_ntk.NTKAttentionConfig(init_weights=False)).eval()
+    model = get_peft_model(tiny_model("llama"), peft_ntk.NTKAttentionConfig(init_weights=False)).eval()
     ids = torch.randint(1, 64, (1, 6), generator=torch.Generator().manual_seed(2))
     dynamic = model.generate(ids, max_new_tokens=8, do_sample=False)
     static = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static")

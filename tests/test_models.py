@@ -15,95 +15,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    HEAD_DIM,
+    HEADS,
+    HIDDEN,
+    LAYERS,
+    NUM_LABELS,
+    VOCAB,
+    ntk_config,
+    save_llama_adapter,
+    tiny_model,
+)
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    BloomConfig,
-    BloomForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    T5Config,
-    T5ForConditionalGeneration,
-    ViTConfig,
-    ViTForImageClassification,
-)
 
 import peft_ntk
 import peft_ntk.attention
 from peft_ntk import NTKAttentionConfig, NTKAttentionLayer
 
-VOCAB, HIDDEN, HEADS, HEAD_DIM, LAYERS, NUM_LABELS = 64, 32, 4, 8, 2, 3
 PARAMS_PER_LAYER = HEADS * (HEAD_DIM**2 + HEAD_DIM)  # Z (H×d×d) + k (H×d)
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "bert", "vit", "t5")
 CAUSAL_LMS = ("llama", "gpt2")
-TASK_TYPES = {"bert": "SEQ_CLS", "vit": None, "t5": "SEQ_2_SEQ_LM"}
 
-_DECODER = dict(
-    vocab_size=VOCAB,
-    hidden_size=HIDDEN,
-    intermediate_size=2 * HIDDEN,
-    num_hidden_layers=LAYERS,
-    num_attention_heads=HEADS,
-    num_key_value_heads=2,  # grouped-query attention: 2 query heads per key/value head
-)
-_BUILDERS = {
-    "llama": (LlamaForCausalLM, LlamaConfig, _DECODER),
-    "mistral": (MistralForCausalLM, MistralConfig, _DECODER),
-    "qwen2": (Qwen2ForCausalLM, Qwen2Config, _DECODER),
-    "gpt2": (
-        GPT2LMHeadModel,
-        GPT2Config,
-        dict(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=64),
-    ),
-    "bert": (
-        BertForSequenceClassification,
-        BertConfig,
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            intermediate_size=2 * HIDDEN,
-            max_position_embeddings=64,
-            num_labels=NUM_LABELS,
-        ),
-    ),
-    "vit": (
-        ViTForImageClassification,
-        ViTConfig,
-        dict(
-            image_size=16,
-            patch_size=4,
-            hidden_size=HIDDEN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            intermediate_size=2 * HIDDEN,
-            num_labels=NUM_LABELS,
-        ),
-    ),
-    "t5": (
-        T5ForConditionalGeneration,
-        T5Config,
-        dict(
-            vocab_size=VOCAB,
-            d_model=HIDDEN,
-            d_kv=HEAD_DIM,
-            d_ff=2 * HIDDEN,
-            num_layers=LAYERS,
-            num_decoder_layers=LAYERS,
-            num_heads=HEADS,
-        ),
-    ),
-}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Names (relative to the base model) of the modules the default config must wrap.
 _SELF_ATTN = {
@@ -123,22 +58,6 @@ EXPECTED_WRAPPED["t5"] = [
 # ---------------------------------------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The models are tiny: one thread is faster than several, especially on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model(family: str, seed: int = 0, **overrides) -> nn.Module:
-    """A freshly initialised tiny model of ``family`` in eval mode; ``overrides`` go into its config."""
-    model_cls, config_cls, kwargs = _BUILDERS[family]
-    torch.manual_seed(seed)
-    return model_cls(config_cls(**{**kwargs, **overrides})).eval()
-
-
 def tiny_inputs(family: str, batch: int = 2, length: int = 6, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     if family == "vit":
@@ -150,10 +69,6 @@ def tiny_inputs(family: str, batch: int = 2, length: int = 6, seed: int = 1) -> 
     if family == "t5":
         inputs["decoder_input_ids"] = torch.randint(3, VOCAB, (batch, 4), generator=g)
     return inputs
-
-
-def ntk_config(family: str = "llama", **kwargs) -> NTKAttentionConfig:
-    return NTKAttentionConfig(task_type=TASK_TYPES.get(family, "CAUSAL_LM"), **kwargs)
 
 
 def adapt(family: str, seed: int = 0, model_overrides: dict | None = None, **config_kwargs):
@@ -654,7 +569,7 @@ class _HardCodedAttentionModel(nn.Module):
     ("build", "architecture"),
     [
         (_HardCodedAttentionModel, "_HardCodedAttentionModel"),
-        (lambda: BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=1, n_head=HEADS)), "Bloom"),
+        (lambda: tiny_model("bloom"), "Bloom"),
     ],
     ids=["custom", "bloom"],
 )
@@ -669,23 +584,19 @@ def test_non_attention_target_is_refused():
     assert "self_attn" in str(info.value)  # it names what would work
 
 
-def _save_llama_adapter(path):
-    get_peft_model(tiny_model("llama"), ntk_config(init_weights=False)).save_pretrained(path)
-
-
 @pytest.mark.parametrize(
     "overrides",
     [dict(num_attention_heads=2, num_key_value_heads=2), dict(hidden_size=64)],
     ids=["fewer_heads", "bigger_heads"],
 )
 def test_adapter_for_other_head_shape_is_refused(tmp_path, overrides):
-    _save_llama_adapter(tmp_path)
+    save_llama_adapter(tmp_path)
     other = tiny_model("llama", **overrides)
     with pytest.raises(ValueError, match="does not fit this model.*heads"):
         PeftModel.from_pretrained(other, tmp_path)
 
 
 def test_adapter_for_other_head_shape_gives_clear_error(tmp_path):
-    _save_llama_adapter(tmp_path)
+    save_llama_adapter(tmp_path)
     with pytest.raises(ValueError, match="heads"):
         PeftModel.from_pretrained(tiny_model("llama", num_attention_heads=2, num_key_value_heads=2), tmp_path)

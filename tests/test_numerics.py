@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_ops import make_inputs, padding_mask
+from helpers import make_inputs, padding_mask
 
 from peft_ntk.kernels import fused_ntk_attention
 from peft_ntk.ops import masked_scores, ntk_attention

@@ -7,31 +7,10 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CASES, F64, case_inputs, make_inputs, padding_mask
 
 import peft_ntk
 from peft_ntk.ops import causal_mask, elu_feature_map, naive_ntk_attention, ntk_attention, prefix_state_from_keys_values
-
-F64 = torch.float64
-
-
-def make_inputs(b=2, h=4, hkv=2, lq=5, lk=7, d=8, scale=1.0, seed=0, dtype=F64, requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, h, lq, d, generator=g, dtype=dtype) * scale
-    k = torch.randn(b, hkv, lk, d, generator=g, dtype=dtype)
-    v = torch.randn(b, hkv, lk, d, generator=g, dtype=dtype)
-    z = torch.randn(h, d, d, generator=g, dtype=dtype) / d**0.5
-    kvec = torch.rand(h, d, generator=g, dtype=dtype)
-    tensors = [q, k, v, z, kvec]
-    if requires_grad:
-        for t in tensors:
-            t.requires_grad_(True)
-    return tensors
-
-
-def padding_mask(b, lq, lk, lengths):
-    """Boolean (B,1,Lq,Lk) mask hiding keys past each sequence's length (right padding)."""
-    keep = torch.arange(lk)[None, :] < torch.tensor(lengths)[:, None]
-    return keep[:, None, None, :].expand(b, 1, lq, lk)
 
 
 def logspace_reference(q, k, v, z, kvec, mask=None, is_causal=False, scaling=None):
@@ -54,27 +33,6 @@ def logspace_reference(q, k, v, z, kvec, mask=None, is_causal=False, scaling=Non
     u = torch.einsum("bhld,hde->bhle", phi, z)
     w = torch.sigmoid(lse - torch.log(a))
     return w[..., None] * o + (1 - w)[..., None] * u / a[..., None]
-
-
-CASES = {
-    "no-mask": dict(),
-    "causal-square": dict(lq=7, lk=7, is_causal=True),
-    "causal-cache": dict(lq=3, lk=9, is_causal=True),
-    "decode": dict(lq=1, lk=9, is_causal=True),
-    "padding": dict(mask="padding"),
-    "padding+causal": dict(lq=7, lk=7, mask="padding", is_causal=True),
-    "mha": dict(hkv=4),
-    "mqa": dict(hkv=1),
-}
-
-
-def case_inputs(case, requires_grad=False):
-    opts = dict(CASES[case])
-    is_causal = opts.pop("is_causal", False)
-    mask_kind = opts.pop("mask", None)
-    q, k, v, z, kvec = make_inputs(requires_grad=requires_grad, **opts)
-    mask = padding_mask(q.shape[0], q.shape[2], k.shape[2], [k.shape[2], k.shape[2] - 3]) if mask_kind else None
-    return (q, k, v, z, kvec), dict(attention_mask=mask, is_causal=is_causal)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -5,11 +5,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script, tiny_bert_encoder
 
 import peft_ntk
 
@@ -18,21 +18,10 @@ HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # the plot
 
 
 def load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH / f"{name}.py", keep=True)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -190,7 +179,7 @@ def test_digits_tasks_do_not_share_classes_or_images():
 def tiny_bert(tmp_path_factory):
     """A tiny BERT checkpoint with a word-level tokenizer, saved the way a Hub model is (no download)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     path = tmp_path_factory.mktemp("tiny_bert")
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [f"w{i}" for i in range(40)]
@@ -200,17 +189,7 @@ def tiny_bert(tmp_path_factory):
         tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
     )
     fast.save_pretrained(path)
-    torch.manual_seed(0)
-    BertModel(
-        BertConfig(
-            vocab_size=len(words),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=64,
-        )
-    ).save_pretrained(path)
+    tiny_bert_encoder(len(words)).save_pretrained(path)
     return str(path)
 
 

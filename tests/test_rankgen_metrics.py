@@ -9,9 +9,10 @@ import evaluate
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertModel
+from helpers import tiny_bert_encoder, tiny_rankgen_scorer
+from transformers import BertModel
 
-from rankgen_logits import RankGenConfig, RankGenScorer, metrics
+from rankgen_logits import RankGenScorer, metrics
 from rankgen_logits.mauve import compute_mauve, featurize
 from rankgen_logits.metrics import identification_accuracy, resolve_scorer, score_pairs
 from rankgen_logits.train import QUICK_T5, _quick_tokenizer
@@ -19,12 +20,7 @@ from rankgen_logits.train import QUICK_T5, _quick_tokenizer
 WORDS = "the class statement defines a new type and the import statement binds a module name in scope".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +30,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def scorer(tok) -> RankGenScorer:
-    torch.manual_seed(0)
-    return RankGenScorer(RankGenConfig(vocab_size=len(tok), pad_token_id=0, **QUICK_T5), tokenizer=tok).eval()
+    return tiny_rankgen_scorer(tok, vocab_size=len(tok), pad_token_id=0, **QUICK_T5).eval()
 
 
 class Overlap:
@@ -146,17 +141,8 @@ def test_score_pairs_encodes_each_prefix_once():
 
 
 def tiny_bert(tok) -> BertModel:
-    torch.manual_seed(0)
-    return BertModel(
-        BertConfig(
-            vocab_size=len(tok),
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=64,
-        )
-    ).eval()
+    shape = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    return tiny_bert_encoder(len(tok), **shape).eval()
 
 
 def test_featurize_mean_and_last_pooling_match_manual(tok):

@@ -10,11 +10,11 @@ from pydoc_data.topics import topics
 import datasets
 import pytest
 import torch
+from helpers import tiny_bert_encoder, tiny_model, tiny_rankgen_scorer, training_args
 from safetensors.torch import load_file
-from test_trainer_pipelines import args_for as pipeline_args_for
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import BertModel, TrainingArguments
 
-from rankgen_logits import RankGenConfig, RankGenScorer
+from rankgen_logits import RankGenScorer
 from rankgen_logits.metrics import identification_accuracy
 from rankgen_logits.train import (
     QUICK_T5,
@@ -40,12 +40,7 @@ HELDOUT_DOCS = [d for i, d in enumerate(DOCS) if i % 5 == 0]
 PAIRS = dict(prefix_words=32, continuation_words=16, num_document_negatives=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +49,12 @@ def tok():
 
 
 def tiny_scorer(tok, seed: int = 0) -> RankGenScorer:
-    torch.manual_seed(seed)
-    return RankGenScorer(RankGenConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **QUICK_T5), tokenizer=tok)
+    return tiny_rankgen_scorer(tok, seed, vocab_size=len(tok), pad_token_id=tok.pad_token_id, **QUICK_T5)
 
 
 def args_for(output_dir, **overrides) -> TrainingArguments:
-    """The NTK pipeline tests' deterministic CPU arguments, at a scorer's learning rate."""
-    return pipeline_args_for(output_dir, **{"learning_rate": 3e-4, **overrides})
+    """The shared deterministic CPU arguments, at a scorer's learning rate."""
+    return training_args(output_dir, **{"learning_rate": 3e-4, **overrides})
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -288,20 +282,8 @@ def test_bf16_mixed_precision_trains(tok, tmp_path):
 
 
 def test_generated_negatives_from_a_causal_lm(tok):
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
-    ).eval()
+    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    lm = tiny_model("llama", num_hidden_layers=1, max_position_embeddings=256, **ids)
     pairs = as_pairs_dataset(TRAIN_DOCS[:6], PairConfig(**PAIRS))
     side = tok.padding_side
     out = add_generated_negatives(pairs, lm, tok, num_negatives=2, batch_size=4, seed=0)
@@ -333,17 +315,8 @@ def test_push_to_hub_pushes_the_trained_scorer(tok, tmp_path, monkeypatch):
 
 
 def tiny_bert(tok, seed: int = 0) -> BertModel:
-    torch.manual_seed(seed)
-    return BertModel(
-        BertConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            pad_token_id=tok.pad_token_id,
-        )
+    return tiny_bert_encoder(
+        len(tok), seed, num_hidden_layers=1, max_position_embeddings=128, pad_token_id=tok.pad_token_id
     )
 
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from test_benchmarks import _load  # loads a benchmarks/ module by file
+from helpers import ROOT, load_script
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinPLogitsWarper,
@@ -207,7 +207,8 @@ def test_bad_initial_candidates(value):
 # --- device→host synchronisations (each one drains a GPU's queue; counted here on CPU)
 
 
-SyncCounter = _load("host_reads").SyncCounter  # also what benchmarks/profile_rankgen_loop.py counts
+# the counter benchmarks/profile_rankgen_loop.py reports too
+SyncCounter = load_script(ROOT / "benchmarks" / "host_reads.py").SyncCounter
 
 
 @pytest.mark.parametrize(

@@ -10,27 +10,15 @@ from pathlib import Path
 import peft.peft_model
 import pytest
 import torch
+from helpers import make_different, snapshot, tiny_base
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import peft_ntk
 from peft_ntk import saving
 
 IDS = torch.arange(1, 9).view(1, 8)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
-
-
-def tiny_base() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config)
 
 
 def ntk_model(adapters=("default",)):
@@ -40,30 +28,9 @@ def ntk_model(adapters=("default",)):
     return model
 
 
-def make_different(model) -> None:
-    """Other weights *and* another config of the same shapes: any mix of the two saves would load as a third adapter."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "ntk_" in name:
-                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
-    for config in model.peft_config.values():
-        config.feature_map = "relu"
-
-
 @torch.no_grad()
 def logits_of(path: str) -> torch.Tensor:
     return PeftModel.from_pretrained(tiny_base(), path).eval()(input_ids=IDS).logits
-
-
-def snapshot(root) -> dict:
-    """Every file under ``root`` (and its staging leftovers, if any) with its bytes."""
-    files = {}
-    for folder, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as handle:
-                files[os.path.relpath(path, root)] = handle.read()
-    return files
 
 
 def adapter_state(folder) -> tuple:

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 import torch
-from helpers import TINY_T5, pydoc_words, train_word_tokenizer, write_official_rankgen_checkpoint
+from helpers import TINY_T5, pydoc_words, tiny_model, train_word_tokenizer, write_official_rankgen_checkpoint
 from transformers import AutoConfig, AutoModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 import rankgen_logits
@@ -358,22 +358,10 @@ def test_registration_is_idempotent():
 
 def test_rankgen_scorer_ranks_generation_end_to_end(scorer, tokenizer, words):
     """The real scorer (official layout) ranks a tiny LM's samples through `generate(rankgen=...)`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    generator = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.eos_token_id,
-        )
-    ).eval()
+    ids = dict(
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id
+    )
+    generator = tiny_model("llama", vocab_size=len(tokenizer), **ids)
     prompts = [" ".join(words[:6]), " ".join(words[10:13])]
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)

@@ -6,8 +6,7 @@ import inspect
 
 import pytest
 import torch
-from test_generation import PROMPTS, WordCount, batch, no_specials, rankgen, tiny_llama  # noqa: F401
-from test_generation import tok as tok  # noqa: F401  (the module-scoped tokenizer fixture)
+from helpers import WordCount, batch, no_specials, rankgen, rankgen_and_greedy, record_cached_forwards, tiny_llama_for
 from transformers import LlamaForCausalLM
 from transformers.cache_utils import DynamicCache
 
@@ -117,11 +116,11 @@ def test_merge_when_a_row_sees_none_of_its_continuation(cpu_flash, monkeypatch):
     torch.testing.assert_close(out, prompt_only, rtol=1e-12, atol=1e-12)
 
 
-def test_model_forward_matches_the_plain_cache(tok):  # noqa: F811
+def test_model_forward_matches_the_plain_cache(tok):
     """One decode step of a real model through the shared layers equals the step through a repeated plain cache."""
     from rankgen_logits.shared_prompt import shared_prompt_attention
 
-    model = tiny_llama(tok).to(torch.float64)
+    model = tiny_llama_for(tok).to(torch.float64)
     inputs = batch(tok)
     index = torch.tensor([0, 0, 1, 2, 2, 2, 3])
     outs = []
@@ -143,42 +142,30 @@ def test_model_forward_matches_the_plain_cache(tok):  # noqa: F811
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-10)
 
 
-def test_rankgen_uses_it_and_gives_the_same_tokens(tok, monkeypatch):  # noqa: F811
-    model = tiny_llama(tok)
+def test_rankgen_uses_it_and_gives_the_same_tokens(tok, monkeypatch):
+    model = tiny_llama_for(tok)
     inputs = batch(tok)
     kwargs = {"num_beams": 2, "num_samples": 3, "rerank_every": 4, "max_new_tokens": 13, **no_specials(tok)}
 
-    seen: list[type] = []
-    implementations: list[str] = []
-    original_forward = model.forward
-
-    def recording_forward(*args, **kw):
-        cache = kw.get("past_key_values", kw.get("cache"))
-        if cache is not None and cache.get_seq_length() > 0:
-            seen.append(type(cache.layers[0]))
-            implementations.append(model.config._attn_implementation)
-        return original_forward(*args, **kw)
-
-    monkeypatch.setattr(model, "forward", recording_forward)
+    seen = record_cached_forwards(model, monkeypatch)
     for seed in range(3):
         seen.clear()
-        implementations.clear()
         shared = rankgen(model, tok, WordCount(), inputs, seed=seed, **kwargs)
-        assert seen and all(t is SharedPromptLayer for t in seen)
-        assert set(implementations) == {IMPLEMENTATION}
+        assert seen and all(t is SharedPromptLayer for t, _ in seen)
+        assert {implementation for _, implementation in seen} == {IMPLEMENTATION}
         assert model.config._attn_implementation == "sdpa"  # restored
 
         with monkeypatch.context() as m:
             m.setattr(generation, "use_shared_prompt_layers", lambda *args, **kw: False)
             seen.clear()
             plain = rankgen(model, tok, WordCount(), inputs, seed=seed, **kwargs)
-            assert seen and all(t is not SharedPromptLayer for t in seen)
+            assert seen and all(t is not SharedPromptLayer for t, _ in seen)
         assert torch.equal(shared, plain)
 
 
-def test_unequal_rows_per_prompt_when_survivors_finish(tok, monkeypatch):  # noqa: F811
+def test_unequal_rows_per_prompt_when_survivors_finish(tok, monkeypatch):
     """EOS allowed: finished survivors leave some prompts with fewer rows; the tokens still match the plain path."""
-    model = tiny_llama(tok, seed=3)
+    model = tiny_llama_for(tok, seed=3)
     inputs = batch(tok)
     kwargs = {"num_beams": 2, "num_samples": 3, "rerank_every": 3, "max_new_tokens": 20, "top_k": 4}
     kwargs.update(suppress_tokens=[tok.pad_token_id, tok.unk_token_id])
@@ -201,19 +188,14 @@ def test_unequal_rows_per_prompt_when_survivors_finish(tok, monkeypatch):  # noq
     assert any(unequal), "no round had unequal rows per prompt; pick other seeds"
 
 
-def test_matches_greedy_generate(tok):  # noqa: F811
+def test_matches_greedy_generate(tok):
     """With top_k=1 the samples are greedy: the shared-prompt rows must equal transformers' cached greedy decoding."""
-    model = tiny_llama(tok)
-    inputs = batch(tok)
-    ours = rankgen(
-        model, tok, WordCount(), inputs, top_k=1, max_new_tokens=15, num_samples=2, rerank_every=6, **no_specials(tok)
-    )
-    greedy = model.generate(**inputs, do_sample=False, max_new_tokens=15, **no_specials(tok))
+    ours, greedy = rankgen_and_greedy(tiny_llama_for(tok), tok)
     assert torch.equal(ours, greedy)
 
 
-def test_falls_back_outside_the_plain_case(tok):  # noqa: F811
-    model = tiny_llama(tok)
+def test_falls_back_outside_the_plain_case(tok):
+    model = tiny_llama_for(tok)
     cache = DynamicCache()
     model(**batch(tok), **{_CACHE: cache}, use_cache=True)
     assert shared_prompt_supported(model, cache)

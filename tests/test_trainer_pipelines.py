@@ -14,18 +14,16 @@ import warnings
 
 import pytest
 import torch
+from helpers import tiny_llama, tiny_model, training_args, word_level_tokenizer
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import (
-    BertConfig,
     BertForSequenceClassification,
-    LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
     Trainer,
     TrainerCallback,
     TrainingArguments,
-    ViTConfig,
     ViTForImageClassification,
     ViTImageProcessor,
     pipeline,
@@ -36,42 +34,26 @@ from peft_ntk import NTKAttentionConfig, NTKAttentionLayer
 
 VOCAB = 64
 SEQ_LEN = 16
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU extra threads spin-wait and slow everything down."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # helpers
 
 
-def tiny_llama(seed: int = 0, vocab_size: int = VOCAB, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        # A larger init than the default 0.02 gives a base whose outputs depend visibly on the input, so the
-        # adapter has something to adapt within a few steps.
-        initializer_range=0.2,
-        attention_dropout=0.0,
-        **overrides,
+def pipeline_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """``tiny_llama`` (its large init gives the adapter something to adapt within a few steps) with a 64-token
+    context and no pad token."""
+    return tiny_llama(
+        seed, **({"max_position_embeddings": 64, "attention_dropout": 0.0, "pad_token_id": None} | overrides)
     )
-    return LlamaForCausalLM(config).eval()
 
 
 def ntk_llama(base_seed: int = 0, adapter_seed: int = 1, **config_kwargs) -> PeftModel:
-    base = tiny_llama(base_seed)
+    base = pipeline_llama(base_seed)
     torch.manual_seed(adapter_seed)
     return get_peft_model(base, NTKAttentionConfig(task_type="CAUSAL_LM", **config_kwargs))
 
@@ -85,24 +67,6 @@ def lm_dataset(n: int = 32, seed: int = 0) -> list[dict]:
         ids = [(start + step * j) % VOCAB for j in range(SEQ_LEN)]
         data.append({"input_ids": ids, "attention_mask": [1] * SEQ_LEN, "labels": ids})
     return data
-
-
-def args_for(output_dir, **overrides) -> TrainingArguments:
-    kwargs = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        report_to=[],
-        seed=0,
-        data_seed=0,
-        dataloader_num_workers=0,
-        per_device_train_batch_size=8,
-        learning_rate=3e-2,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
 
 
 def ntk_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -125,15 +89,8 @@ def fixed_lm_loss(model: torch.nn.Module, data: list[dict]) -> float:
 
 def word_tokenizer(sentences: list[str]) -> PreTrainedTokenizerFast:
     """A WordLevel tokenizer trained here on a few sentences (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins word tokens with spaces
-    tok.train_from_iterator(sentences, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
-    )
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    return word_level_tokenizer(sentences, specials, pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]")
 
 
 SENTENCES = [
@@ -171,7 +128,7 @@ def test_trainer_trains_ntk_parameters_only(tmp_path):
 
     trainer = Trainer(
         model=model,
-        args=args_for(tmp_path, max_steps=12, per_device_eval_batch_size=8),
+        args=training_args(tmp_path, max_steps=12, per_device_eval_batch_size=8),
         train_dataset=data,
         eval_dataset=data[:8],
     )
@@ -201,7 +158,7 @@ def test_checkpoints_contain_only_the_adapter(tmp_path):
     model = ntk_llama()
     trainer = Trainer(
         model=model,
-        args=args_for(tmp_path, max_steps=4, save_strategy="steps", save_steps=2),
+        args=training_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2),
         train_dataset=lm_dataset(),
     )
     trainer.train()
@@ -225,7 +182,7 @@ def test_checkpoints_contain_only_the_adapter(tmp_path):
     for key, value in final.items():
         assert torch.equal(value, trained[key]), key
 
-    reloaded = PeftModel.from_pretrained(tiny_llama(0), str(tmp_path / "checkpoint-4")).eval()
+    reloaded = PeftModel.from_pretrained(pipeline_llama(0), str(tmp_path / "checkpoint-4")).eval()
     ids = torch.tensor([lm_dataset(2, seed=5)[0]["input_ids"]])
     model.eval()
     with torch.no_grad():
@@ -234,7 +191,7 @@ def test_checkpoints_contain_only_the_adapter(tmp_path):
 
 def test_load_best_model_at_end_and_save_model_use_the_adapter(tmp_path):
     model = ntk_llama(init_weights=False)
-    args = args_for(
+    args = training_args(
         tmp_path,
         max_steps=6,
         save_strategy="steps",
@@ -271,7 +228,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     overrides = dict(max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=8)
 
     full = ntk_llama(adapter_seed=1, init_weights=False)
-    Trainer(model=full, args=args_for(tmp_path / "full", **overrides), train_dataset=data).train()
+    Trainer(model=full, args=training_args(tmp_path / "full", **overrides), train_dataset=data).train()
     final = ntk_params(full)
     at_step_2 = load_file(str(tmp_path / "full" / "checkpoint-2" / "adapter_model.safetensors"))
 
@@ -281,7 +238,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     assert not all(torch.allclose(final[n], p) for n, p in ntk_params(resumed).items())
     counter = CountSteps()
     trainer = Trainer(
-        model=resumed, args=args_for(tmp_path / "resumed", **overrides), train_dataset=data, callbacks=[counter]
+        model=resumed, args=training_args(tmp_path / "resumed", **overrides), train_dataset=data, callbacks=[counter]
     )
     trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
     assert counter.steps == 2 and trainer.state.global_step == 4
@@ -393,7 +350,7 @@ def test_trainer_with_gradient_checkpointing_matches_plain_training(tmp_path, ar
     for checkpointing in (False, True):
         model = ntk_llama(init_weights=False)
         counter = _count_ntk_calls(model)
-        args = args_for(tmp_path / str(checkpointing), max_steps=3, **{argument: checkpointing})
+        args = training_args(tmp_path / str(checkpointing), max_steps=3, **{argument: checkpointing})
         Trainer(model=model, args=args, train_dataset=data).train()
         assert bool(model.base_model.model.model.gradient_checkpointing) is checkpointing
         runs[checkpointing], calls[checkpointing] = ntk_params(model), counter[0]
@@ -409,21 +366,16 @@ def test_trainer_with_gradient_checkpointing_matches_plain_training(tmp_path, ar
 
 
 def tiny_bert_classifier(seed: int = 0, vocab_size: int = 32) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(
+    return tiny_model(
+        "bert",
+        seed,
         vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
         max_position_embeddings=32,
         num_labels=2,
         pad_token_id=0,
         initializer_range=0.3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        **NO_DROPOUT,
     )
-    return BertForSequenceClassification(config).eval()
 
 
 def toy_classification(n: int, seed: int) -> list[dict]:
@@ -454,7 +406,7 @@ def test_sequence_classification_trains_and_saves_the_classifier(tmp_path):
 
     train, test = toy_classification(64, seed=0), toy_classification(32, seed=1)
     acc_before = accuracy(model, test)
-    args = args_for(tmp_path, max_steps=40, per_device_train_batch_size=16, save_strategy="steps", save_steps=40)
+    args = training_args(tmp_path, max_steps=40, per_device_train_batch_size=16, save_strategy="steps", save_steps=40)
     Trainer(model=model, args=args, train_dataset=train).train()
     acc_after = accuracy(model, test)
     assert acc_after >= 0.75 and acc_after > acc_before + 0.15, (acc_before, acc_after)
@@ -479,7 +431,7 @@ def test_sequence_classification_trains_and_saves_the_classifier(tmp_path):
 
 def test_text_generation_pipeline_uses_the_adapter():
     tok = word_tokenizer(SENTENCES)
-    base = tiny_llama(0, vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=None)
+    base = pipeline_llama(0, vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=None)
     reference_base = copy.deepcopy(base)
     torch.manual_seed(1)
     model = get_peft_model(base, NTKAttentionConfig(task_type="CAUSAL_LM", init_weights=False)).eval()
@@ -543,21 +495,7 @@ def test_text_classification_pipeline_uses_the_adapter():
 
 
 def tiny_vit(seed: int = 0) -> ViTForImageClassification:
-    torch.manual_seed(seed)
-    config = ViTConfig(
-        image_size=16,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=3,
-        initializer_range=0.2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return ViTForImageClassification(config).eval()
+    return tiny_model("vit", seed, num_channels=3, initializer_range=0.2, **NO_DROPOUT)
 
 
 def ntk_vit(seed: int = 0, **config_kwargs) -> PeftModel:
