@@ -10,7 +10,7 @@ from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_ntk
-from peft_ntk.layer import NTKAttentionLayer, nonnegative
+from peft_ntk.tuner.layer import NTKAttentionLayer, nonnegative
 
 
 def tiny_llama(seed=0):
