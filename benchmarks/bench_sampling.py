@@ -2,7 +2,8 @@
 
 Both draw from the same distribution (tests/test_sampling.py); this measures what it costs. Rows of Gaussian logits
 with a given spread stand in for an LM's: the wider the spread, the fewer tokens top-p keeps (the table shows how
-many). Time is the median over ``--repeats`` calls after one warm-up, on one CPU thread (or CUDA, synchronised).
+many). Time is the median over ``--repeats`` calls after one warm-up, on one CPU thread (``--threads``; or CUDA,
+synchronised).
 
     python benchmarks/bench_sampling.py            # 50,257-token vocabulary, 20 and 160 rows (~1 min)
     python benchmarks/bench_sampling.py --quick    # what the tests run
@@ -12,15 +13,15 @@ Writes ``benchmarks/results/sampling_{device}.json`` and ``.png``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
+from ntk_rankgen_assets import bench
+from ntk_rankgen_assets.training import quiet_run
 from rankgen_logits.sampling import TokenSampler
 
 ROOT = Path(__file__).resolve().parent
@@ -32,23 +33,41 @@ SETTINGS = {  # name: (warpers, logit spread)
 }
 
 
-def seconds(fn, device, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds(fn, device: torch.device, repeats: int) -> float:
+    return statistics.median(bench.timed_calls(fn, repeats=repeats, warmup=1, device=device))
+
+
+def measure(vocab: int, rows_list: list[int], repeats: int, device: torch.device) -> list[dict]:
+    results = []
+    for rows in rows_list:
+        ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        for name, (warpers, spread) in SETTINGS.items():
+            logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)).mul(spread).to(device)
+            processors = LogitsProcessorList(warpers)
+            sampler = TokenSampler(processors)
+            kept = (sampler.probabilities(logits) > 0).sum(-1).float()
+
+            def stock(processors=processors, logits=logits, ids=ids):
+                return torch.multinomial(torch.softmax(processors(ids, logits), dim=-1), 1)
+
+            transformers_s = seconds(stock, device, repeats)
+            ours_s = seconds(lambda sampler=sampler, logits=logits, ids=ids: sampler(ids, logits), device, repeats)
+            results.append(
+                {
+                    "rows": rows,
+                    "setting": name,
+                    "nucleus_median": float(kept.median()),
+                    "nucleus_max": float(kept.max()),
+                    "transformers_ms": 1e3 * transformers_s,
+                    "ours_ms": 1e3 * ours_s,
+                    "speedup": transformers_s / ours_s,
+                }
+            )
+    return results
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a 5,000-token vocabulary, 20 rows, 3 repeats")
+    parser = bench.argument_parser(__doc__, quick="a 5,000-token vocabulary, 20 rows, 3 repeats")
     parser.add_argument("--vocab-size", type=int, default=None, help="default 50257 (quick 5000)")
     parser.add_argument("--rows", type=int, nargs="+", default=None, help="default 20 160 (quick 20)")
     parser.add_argument("--repeats", type=int, default=None, help="default 10 (quick 3)")
@@ -60,37 +79,10 @@ def main(argv=None) -> dict:
     repeats = args.repeats or (3 if args.quick else 10)
     device = torch.device(args.device)
     out = args.out or ROOT / "results" / f"sampling_{device.type}.json"
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        results = []
-        for rows in rows_list:
-            ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
-            for name, (warpers, spread) in SETTINGS.items():
-                logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)).mul(spread).to(device)
-                processors = LogitsProcessorList(warpers)
-                sampler = TokenSampler(processors)
-                kept = (sampler.probabilities(logits) > 0).sum(-1).float()
-
-                def stock(processors=processors, logits=logits, ids=ids):
-                    return torch.multinomial(torch.softmax(processors(ids, logits), dim=-1), 1)
-
-                transformers_s = seconds(stock, device, repeats)
-                ours_s = seconds(lambda sampler=sampler, logits=logits, ids=ids: sampler(ids, logits), device, repeats)
-                results.append(
-                    {
-                        "rows": rows,
-                        "setting": name,
-                        "nucleus_median": float(kept.median()),
-                        "nucleus_max": float(kept.max()),
-                        "transformers_ms": 1e3 * transformers_s,
-                        "ours_ms": 1e3 * ours_s,
-                        "speedup": transformers_s / ours_s,
-                    }
-                )
-    finally:
-        torch.set_num_threads(previous)
-    print(f"Sampling one token per row, vocabulary {vocab:,}, {device} (1 thread), median of {repeats}")
+    with quiet_run(args.threads):
+        results = measure(vocab, rows_list, repeats, device)
+    threads = f"{args.threads} thread" + "s" * (args.threads > 1)
+    print(f"Sampling one token per row, vocabulary {vocab:,}, {device} ({threads}), median of {repeats}")
     print(f"{'rows':>5}  {'setting':<22}{'kept (median/max)':>19}{'transformers ms':>17}{'ours ms':>9}{'x':>7}")
     for r in results:
         print(
@@ -100,24 +92,16 @@ def main(argv=None) -> dict:
     report = {
         "config": {"vocab_size": vocab, "rows": rows_list, "repeats": repeats, "quick": args.quick},
         "results": results,
-        "environment": {"torch": torch.__version__, "device": str(device), "threads": 1},
+        "environment": bench.environment(device, args.threads),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    plot(report, out.with_suffix(".png"))
-    print(f"wrote {out}")
+    bench.save_report(report, out, lambda png: plot(report, png))
     return report
 
 
-def plot(report, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-        return
+def plot(report: dict, path: Path) -> Optional[Path]:
+    plt = bench.pyplot()
+    if plt is None:
+        return None
     results = report["results"]
     labels = [f"{r['setting']}\n{r['rows']} rows, kept ~{r['nucleus_median']:.0f}" for r in results]
     xs = range(len(results))
@@ -129,10 +113,7 @@ def plot(report, path: Path) -> None:
     ax.set_ylabel("ms per draw")
     ax.legend()
     ax.set_title(f"Top-p / top-k sampling, vocabulary {report['config']['vocab_size']:,}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    return bench.save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ PNG with the training loss, the validation perplexity and the NTK prefix share a
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -35,9 +33,10 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, TrainerCallback, set_seed
 
 import peft_ntk
+from ntk_rankgen_assets import bench
 from ntk_rankgen_assets.models import causal_lm_path
 from ntk_rankgen_assets.texts import python_reference_docs, split_documents, token_blocks
-from ntk_rankgen_assets.training import logged_losses, perplexity, quiet_run, train_on_blocks
+from ntk_rankgen_assets.training import logged_losses, perplexity, train_on_blocks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = {
@@ -46,6 +45,14 @@ METHODS = {
     "ntk-pre-rope": dict(query_features="pre_rope"),
     "lora": ["q_proj", "v_proj"],
     "lora-qkvo": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+# option: (quick, full)
+DEFAULTS = {
+    "methods": (["ntk", "lora"], list(METHODS)),
+    "seeds": ([0], [0, 1, 2]),
+    "steps": (4, 60),
+    "eval_blocks": (4, None),
+    "eval_every": (2, 10),
 }
 
 
@@ -56,7 +63,12 @@ def method_config(method: str):
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench.argument_parser(
+        __doc__,
+        quick="2 methods, 1 seed, 4 steps (what the tests run)",
+        threads=None,
+        threads_help="torch threads (default: every core, at most 4)",
+    )
     parser.add_argument("--model", default=None, help="Hub id or folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
@@ -66,17 +78,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--lr", nargs="*", default=[], metavar="METHOD=LR", help="per-method learning rate")
     parser.add_argument("--eval-blocks", type=int, default=None, help="held-out 128-token test blocks (default: all)")
     parser.add_argument("--eval-every", type=int, default=None, help="validation every N steps (default 10)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--quick", action="store_true")
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.block_size < 2 or 128 % args.block_size:
         parser.error(f"--block-size must divide 128 (the validation blocks are 128 tokens), got {args.block_size}")
-    quick = dict(methods=["ntk", "lora"], seeds=[0], steps=4, eval_blocks=4, eval_every=2)
-    full = dict(methods=list(METHODS), seeds=[0, 1, 2], steps=60, eval_blocks=None, eval_every=10)
-    for name, value in (quick if args.quick else full).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    bench.fill_defaults(args, DEFAULTS)
     rates = {m: 1e-3 if m.startswith("lora") else peft_ntk.RECOMMENDED_LEARNING_RATE for m in METHODS}
     for item in args.lr:
         method, _, value = item.partition("=")
@@ -161,12 +167,8 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
 
 
 def plot(report: dict, path: Path) -> Optional[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = bench.pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for i, (method, results) in enumerate(report["runs"].items()):
@@ -189,16 +191,11 @@ def plot(report: dict, path: Path) -> Optional[Path]:
         f"{report['config']['batch_size']}x{report['config']['block_size']})",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return bench.save_figure(fig, path, dpi=110)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    args = parse_args(argv)
-    with quiet_run(args.threads):
-        return run(args)
+    return bench.run_script(parse_args, run, argv)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -232,9 +229,6 @@ def run(args: argparse.Namespace) -> dict:
             runs.setdefault(method, []).append(result)
             print(f"{method:<18} seed {seed}: test ppl {result['test_ppl']:.2f} ({result['train_seconds']:.0f} s)")
     summary = summarize(runs)
-    import peft
-    import transformers
-
     report = {
         "model": "SmolLM2-135M-Instruct" if args.model is None else args.model,
         "base_test_ppl": base_ppl,
@@ -249,13 +243,7 @@ def run(args: argparse.Namespace) -> dict:
             "test_blocks": data["test"].shape[0],
             "eval_every": args.eval_every,
         },
-        "environment": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "python": platform.python_version(),
-            "threads": torch.get_num_threads(),
-        },
+        "environment": bench.environment(),
         "seconds": time.perf_counter() - started,
     }
     print(f"\n{'method':<18}{'test ppl':>18}{'trainable':>12}{'train s':>9}   (base {base_ppl:.2f})")
@@ -264,10 +252,8 @@ def run(args: argparse.Namespace) -> dict:
             f"{method:<18}{s['test_ppl_mean']:>11.2f} ± {s['test_ppl_std']:<5.2f}{s['trainable_params']:>12,}"
             f"{s['train_seconds_mean']:>9.0f}"
         )
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     stem = "causal_lm_adaptation" + ("_quick" if args.quick else "")
-    (args.output_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    plot(report, args.output_dir / f"{stem}.png")
+    bench.save_report(report, args.output_dir / f"{stem}.json", lambda png: plot(report, png), indent=1)
     return report
 
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import random
@@ -57,12 +56,26 @@ import torch
 import torch.nn.functional as F
 
 import peft_ntk
+from ntk_rankgen_assets import bench
 from ntk_rankgen_assets.texts import python_reference_docs, split_documents, stdlib_docstrings, token_blocks
-from ntk_rankgen_assets.training import train_bpe_tokenizer, train_on_blocks
+from ntk_rankgen_assets.training import quiet_run, small_llama, train_bpe_tokenizer, train_on_blocks
 from peft_ntk.attention import capture_attention_inputs
 from peft_ntk.ops import softmax_attention_with_lse
 
-ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+# option: (quick, full)
+DEFAULTS = {
+    "module": ("logging", "typing"),
+    "memory_tokens": (1024, 6144),
+    "eval_tokens": (384, 2048),
+    "block_size": (64, 128),
+    "layers": (2, 4),
+    "vocab_size": (512, 768),
+    "pretrain_steps": (300, 800),
+    "finetune_steps": (30, 150),
+    "convert_r": (256, 1024),
+    "val_tokens": (128, 512),
+}
 
 # ---------------------------------------------------------------------------------------------------------------------
 # model and data
@@ -70,7 +83,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def pretrained_base(args, tokenizer_texts: list[str], train_texts: list[str]):
     """(model, tokenizer): loaded from ``--base-dir`` when it holds a model, else trained here (and saved there)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     base_dir = Path(args.base_dir) if args.base_dir else None
     if base_dir is not None and (base_dir / "config.json").is_file():
@@ -79,21 +92,15 @@ def pretrained_base(args, tokenizer_texts: list[str], train_texts: list[str]):
     tokenizer = train_bpe_tokenizer(tokenizer_texts, args.vocab_size)
     blocks = token_blocks(tokenizer, train_texts, args.block_size)
     torch.manual_seed(args.seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    model = small_llama(
+        tokenizer,
         hidden_size=args.hidden_size,
         intermediate_size=3 * args.hidden_size,
         num_hidden_layers=args.layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=args.block_size,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
         attn_implementation="sdpa",
     )
-    model = LlamaForCausalLM(config)
     run_dir = Path(args.output_dir) / "pretrain_runs"
     _, seconds = train_on_blocks(
         model, blocks, run_dir, steps=args.pretrain_steps, lr=3e-3, batch_size=16, seed=args.seed, use_cpu=True
@@ -354,7 +361,7 @@ def run(args: argparse.Namespace) -> dict:
 
     report = {
         "args": vars(args),
-        "versions": {"torch": torch.__version__, "peft_ntk": peft_ntk.__version__},
+        "versions": bench.environment(threads=args.threads),
         "model": {
             "layers": base.config.num_hidden_layers,
             "hidden_size": base.config.hidden_size,
@@ -423,13 +430,8 @@ def print_table(ppl: dict) -> None:
 
 
 def plot(report: dict, path: Path) -> Optional[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = bench.pyplot()
+    if plt is None:
         return None
     ppl = report["perplexity"]
     names = list(ppl)
@@ -447,16 +449,12 @@ def plot(report: dict, path: Path) -> Optional[Path]:
         f"memory: {doc['memory_tokens']} tokens of {doc['module']} docstrings; K = {report['equal_memory']['k_tokens']}",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return bench.save_figure(fig, path)
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small everything, < 3 min (used by the tests)")
-    parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser = bench.argument_parser(__doc__, quick="small everything, < 3 min (used by the tests)")
+    parser.add_argument("--output-dir", type=Path, default=RESULTS)
     parser.add_argument("--base-dir", default=None, help="load the pretrained base from here, or save it here")
     parser.add_argument(
         "--module", default=None, help="the document: docstrings of this module (typing; quick logging)"
@@ -476,39 +474,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     )
     parser.add_argument("--val-tokens", type=int, default=None, help="held-back memory tokens (512; quick 128)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    defaults = (
-        dict(
-            module="logging",
-            memory_tokens=1024,
-            eval_tokens=384,
-            block_size=64,
-            layers=2,
-            vocab_size=512,
-            pretrain_steps=300,
-            finetune_steps=30,
-            convert_r=256,
-            val_tokens=128,
-        )
-        if args.quick
-        else dict(
-            module="typing",
-            memory_tokens=6144,
-            eval_tokens=2048,
-            block_size=128,
-            layers=4,
-            vocab_size=768,
-            pretrain_steps=800,
-            finetune_steps=150,
-            convert_r=1024,
-            val_tokens=512,
-        )
-    )
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
+    return bench.fill_defaults(parser.parse_args(argv), DEFAULTS)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -516,19 +482,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     from transformers.utils import logging as hf_logging
 
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    set_seed(args.seed)
-    report = run(args)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with quiet_run(args.threads):
+        hf_logging.disable_progress_bar()
+        set_seed(args.seed)
+        report = run(args)
     stem = "ntk_long_context_quick" if args.quick else "ntk_long_context"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    png = plot(report, out / f"{stem}.png")
-    print(
-        f"wrote {out / f'{stem}.json'}" + (f" and {png}" if png else "") + f"; total {report['timings_s']['total_s']} s"
-    )
+    note = f"; total {report['timings_s']['total_s']} s"
+    bench.save_report(report, args.output_dir / f"{stem}.json", lambda png: plot(report, png), note=note)
     return report
 
 

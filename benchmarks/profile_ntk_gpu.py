@@ -17,16 +17,14 @@ Needs a CUDA GPU. Prints tables and writes JSON (``--out``, default benchmarks/r
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ntk_rankgen_assets import bench
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -104,16 +102,16 @@ def attention_op_table(length: int, heads: int = 32, kv_heads: int = 8, head_dim
 
 
 def profile_model_step(length: int, layers: int, variant: str, top: int) -> dict[str, Any]:
-    import bench_ntk_speed as bench
+    import bench_ntk_speed as speed
     from torch.profiler import ProfilerActivity, profile
 
     task = {
         "variant": variant,
         "device": "cuda",
         "dtype": "bfloat16",
-        "model": {**bench.PRESETS["gpu"]["model"], "num_hidden_layers": layers, "max_position_embeddings": length},
+        "model": {**speed.PRESETS["gpu"]["model"], "num_hidden_layers": layers, "max_position_embeddings": length},
     }
-    model, patches = bench._build_model(task)
+    model, patches = speed._build_model(task)
     ids = torch.randint(0, task["model"]["vocab_size"], (1, length), device="cuda")
 
     def step():
@@ -147,8 +145,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "lengths": {}}
+    env = bench.environment("cuda")
+    report: dict[str, Any] = {"gpu": env["gpu"], "torch": env["torch"], "environment": env, "lengths": {}}
     for length in args.lengths:
         ops = attention_op_table(length)
         print(f"\nattention op alone, L = {length} (ms, CUDA events, median of 10)")
@@ -164,9 +162,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             for name, k in r["top"]:
                 print(f"  {k['ms']:8.2f} ms {k['calls']:5d}x  {name[:110]}")
         report["lengths"][str(length)] = {"attention_op_ms": ops, "model_step": steps}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    print()
+    bench.save_report(report, args.out)
     return report
 
 

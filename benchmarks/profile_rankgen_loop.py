@@ -25,8 +25,6 @@ Writes ``benchmarks/results/rankgen_profile_{device}.json`` (``--out``).
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
@@ -35,12 +33,12 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
+import bench_rankgen_loop as loop  # the model, tokenizer, prompts and peers of the loop benchmark
 import torch
+from host_reads import SyncCounter  # what the tests count as a device→host read
 from torch.profiler import ProfilerActivity, profile, schedule
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_rankgen_loop as loop  # noqa: E402  (the model, tokenizer, prompts and peers of the loop benchmark)
-from host_reads import SyncCounter  # noqa: E402  (what the tests count as a device→host read)
+from ntk_rankgen_assets import bench
 
 ROOT = Path(__file__).resolve().parent
 VARIANTS = ("beam", "beam-plain-cache", "sampling-BxN")
@@ -60,11 +58,6 @@ def forward_windows(model, on_forward):
         yield count
     finally:
         handle.remove()
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _window_stats(per_window: dict[int, int], windows: int) -> dict:
@@ -106,10 +99,10 @@ def profile_variant(run, model, device, top: int, profiled_steps: int) -> dict:
     # --- time
     with forward_windows(model, lambda f: None) as forwards:
         torch.manual_seed(1)
-        _sync(device)
+        bench.synchronize(device)
         start = time.perf_counter()
         run(None)
-        _sync(device)
+        bench.synchronize(device)
         wall = time.perf_counter() - start
     steps = forwards[0]
     # --- profile: steps 3 .. 2 + active (profiler step n = the window of forward n)
@@ -121,7 +114,7 @@ def profile_variant(run, model, device, top: int, profiled_steps: int) -> dict:
     ) as prof:
         with forward_windows(model, lambda f: prof.step()):
             run(None)
-            _sync(device)
+            bench.synchronize(device)
     events = prof.events()
     kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     aten_ops = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::"))
@@ -142,7 +135,7 @@ def profile_variant(run, model, device, top: int, profiled_steps: int) -> dict:
             with forward_windows(model, on_forward) as counted, reads:
                 torch.manual_seed(1)
                 run(None)
-                _sync(device)
+                bench.synchronize(device)
         finally:
             if device.type == "cuda":
                 torch.cuda.set_sync_debug_mode("default")
@@ -164,9 +157,8 @@ def profile_variant(run, model, device, top: int, profiled_steps: int) -> dict:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = bench.argument_parser(__doc__, quick="the loop benchmark's tiny model, 24 new tokens", threads=None)
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
-    parser.add_argument("--quick", action="store_true", help="the loop benchmark's tiny model, 24 new tokens")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts per call (at most 8)")
     parser.add_argument(
         "--new-tokens",
@@ -177,13 +169,13 @@ def parse_args(argv):
     parser.add_argument("--profiled-steps", type=int, default=16, help="decode steps the profiler records")
     parser.add_argument("--plain-cache", action="store_true", help="also profile beam with the per-row cache")
     parser.add_argument("--top", type=int, default=15, help="rows of the top-ops tables")
-    parser.add_argument("--threads", type=int, default=None, help="CPU torch threads (default: torch's)")
     parser.add_argument(
         "--out", type=Path, default=None, help="default benchmarks/results/rankgen_profile_{device}.json"
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.threads = args.threads or torch.get_num_threads()
     if not 1 <= args.batch_size <= len(loop.PROMPT_SPECS):
         parser.error(f"--batch-size must be between 1 and {len(loop.PROMPT_SPECS)}")
     args.new_tokens = args.new_tokens or (24 if args.quick else 2 * loop.EVERY)
@@ -201,23 +193,11 @@ def build(args):
     tok = loop.build_tokenizer(texts, size["vocab_size"])
     model = loop.build_model(tok, size["hidden"], size["layers"], size["heads"], size["intermediate"])
     model = model.to(args.device)
-    if size["prompt_tokens"]:
-        cut = [tok("\n\n".join(texts[i : i + 20]))["input_ids"][: size["prompt_tokens"]] for i, _ in loop.PROMPT_SPECS]
-        prompts = tok.batch_decode(cut)
-    else:
-        prompts = [" ".join(texts[i].split()[:n]) for i, n in loop.PROMPT_SPECS]
-    return tok, model, prompts[: args.batch_size]
+    return tok, model, loop.build_prompts(tok, texts, size["prompt_tokens"])[: args.batch_size]
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    previous_threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        return run(args)
-    finally:
-        torch.set_num_threads(previous_threads)
+    return bench.run_script(parse_args, run, argv)
 
 
 def run(args) -> dict:
@@ -225,13 +205,7 @@ def run(args) -> dict:
 
     device = torch.device(args.device)
     tok, model, prompts = build(args)
-    gen_kwargs = {
-        "do_sample": True,
-        "top_p": 0.9,
-        "top_k": 0,
-        "suppress_tokens": [tok.pad_token_id, tok.unk_token_id, tok.eos_token_id],
-        "pad_token_id": tok.pad_token_id,
-    }
+    gen_kwargs = loop.generation_kwargs(tok)
 
     def call(peer):
         def run_once(tokens=None):
@@ -252,9 +226,10 @@ def run(args) -> dict:
                 results[variant] = profile_variant(call(peer), model, device, args.top, args.profiled_steps)
             finally:
                 generation.use_shared_prompt_layers = shared
+    env = bench.environment(device)
     report = {
         "config": {
-            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+            "device": env.get("gpu", env["device"]),
             "quick": args.quick,
             "batch_size": args.batch_size,
             "new_tokens": args.new_tokens,
@@ -265,16 +240,15 @@ def run(args) -> dict:
             "layers": model.config.num_hidden_layers,
             "vocab_size": len(tok),
             "prompt_tokens": [len(tok(p)["input_ids"]) for p in prompts],
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__,
+            "threads": env["threads"],
+            "torch": env["torch"],
+            "transformers": env["transformers"],
         },
         "results": results,
+        "environment": env,
     }
     print_report(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    bench.save_report(report, args.out)
     return report
 
 

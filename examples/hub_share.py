@@ -15,15 +15,15 @@ What it does
 
 How to run
 ----------
-    python examples/hub_share.py --local-hub            # offline: a Hub server on loopback (tests/fake_hub.py)
+    python examples/hub_share.py --local-hub            # offline: a Hub server on loopback (ntk_rankgen_assets.fake_hub)
     python examples/hub_share.py --local-hub --quick    # a smaller run (the tests run this)
     hf auth login && python examples/hub_share.py --namespace <your-user>   # the real Hub (creates two repos)
 
-With ``--local-hub`` nothing leaves the machine: the script starts the test suite's Hub server on 127.0.0.1 and
-points ``huggingface_hub`` at it (``HF_ENDPOINT``, and ``HF_HOME`` in a temporary folder) *before* importing it, as
-the library reads the endpoint once, at import. Without it the same calls go to ``https://huggingface.co`` (or your
-``HF_ENDPOINT``) with your saved token; add ``--private`` for private repos. ``summary.json`` goes to
-``--output-dir`` (default ``outputs/hub_share``).
+With ``--local-hub`` nothing leaves the machine: the script starts the test suite's Hub server
+(``ntk_rankgen_assets.fake_hub``) on 127.0.0.1 and points ``huggingface_hub`` at it (``HF_ENDPOINT``, and ``HF_HOME``
+in a temporary folder) *before* importing it, as the library reads the endpoint once, at import. Without it the same
+calls go to ``https://huggingface.co`` (or your ``HF_ENDPOINT``) with your saved token; add ``--private`` for private
+repos. ``summary.json`` goes to ``--output-dir`` (default ``outputs/hub_share``).
 """
 
 from __future__ import annotations
@@ -65,8 +65,7 @@ def start_local_hub(home: str):
     """Start the loopback Hub and point ``huggingface_hub`` at it; call before anything imports the library."""
     if "huggingface_hub" in sys.modules:
         raise RuntimeError("--local-hub must set HF_ENDPOINT before huggingface_hub is imported")
-    sys.path.insert(0, str(ROOT / "tests"))
-    from fake_hub import FakeHub  # stdlib only: importing it does not import huggingface_hub
+    from ntk_rankgen_assets.fake_hub import FakeHub  # stdlib only: importing it does not import huggingface_hub
 
     hub = FakeHub({LOCAL_TOKEN: LOCAL_USER}).start()
     os.environ.update(
@@ -95,7 +94,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 def share(args: argparse.Namespace, home: str, hub) -> dict:
     import torch
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, set_seed
+    from transformers import AutoModelForCausalLM, set_seed
     from transformers.utils import logging as hf_logging
 
     import peft_ntk
@@ -106,7 +105,7 @@ def share(args: argparse.Namespace, home: str, hub) -> dict:
         stdlib_docstrings,
         token_blocks,
     )
-    from ntk_rankgen_assets.training import perplexity, train_bpe_tokenizer, train_on_blocks
+    from ntk_rankgen_assets.training import perplexity, small_llama, train_bpe_tokenizer, train_on_blocks
 
     torch.set_num_threads(1)  # a model this small gains nothing from more threads on a shared CPU
     hf_logging.set_verbosity_error()
@@ -122,19 +121,9 @@ def share(args: argparse.Namespace, home: str, hub) -> dict:
     block = 64
     train_blocks = token_blocks(tokenizer, train_docs, block)
     heldout_blocks = token_blocks(tokenizer, heldout_docs, block, max_blocks=32)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=block,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
+    small_llama(tokenizer, hidden_size=64, num_hidden_layers=2, max_position_embeddings=block).push_to_hub(
+        base_repo, private=args.private
     )
-    LlamaForCausalLM(config).push_to_hub(base_repo, private=args.private)
     tokenizer.push_to_hub(base_repo, private=args.private)
     base = AutoModelForCausalLM.from_pretrained(base_repo)  # name_or_path is now the Hub id
     base_ppl = perplexity(base, heldout_blocks)

@@ -38,12 +38,19 @@ from typing import Any, Optional
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, set_seed
+from transformers import set_seed
 
 import peft_ntk  # registers the NTK_ATTENTION adapter type
 from ntk_rankgen_assets import load_causal_lm, load_encoder
 from ntk_rankgen_assets.texts import python_reference_docs, split_documents, stdlib_docstrings, token_blocks
-from ntk_rankgen_assets.training import logged_losses, perplexity, quiet_run, train_bpe_tokenizer, train_on_blocks
+from ntk_rankgen_assets.training import (
+    logged_losses,
+    perplexity,
+    quiet_run,
+    small_llama,
+    train_bpe_tokenizer,
+    train_on_blocks,
+)
 from rankgen_logits import RankGenSettings
 from rankgen_logits.train import PooledEncoderScorer
 
@@ -88,24 +95,18 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 # models and data
 
 
-def tiny_pretrained_llama(docs: list[str], args, work: Path) -> tuple[LlamaForCausalLM, Any]:
+def tiny_pretrained_llama(docs: list[str], args, work: Path) -> tuple[torch.nn.Module, Any]:
     """--quick: a byte-level BPE tokenizer and a 2-layer Llama, pretrained here on the docs for a few hundred steps."""
     tokenizer = train_bpe_tokenizer(docs, vocab_size=512)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    set_seed(args.seed)
+    model = small_llama(
+        tokenizer,
         hidden_size=128,
         intermediate_size=384,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    set_seed(args.seed)
-    model = LlamaForCausalLM(config)
     train(model, token_blocks(tokenizer, docs, 64), work / "pretrain", args, steps=400, lr=3e-3, desc="pretraining")
     model.eval().save_pretrained(work / "base")
     tokenizer.save_pretrained(work / "base")

@@ -43,6 +43,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 import rankgen_logits  # noqa: F401  (lets model.generate accept rankgen=)
+from ntk_rankgen_assets.training import small_llama
 from rankgen_logits import RankGenSettings
 
 WORDS = (
@@ -76,23 +77,8 @@ def toy_tokenizer():
 
 
 def toy_model(tok, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(seed)  # same weights on every process
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        initializer_range=0.2,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-    )
-    return LlamaForCausalLM(config)
+    return small_llama(tok, hidden_size=32, num_hidden_layers=2, max_position_embeddings=128, initializer_range=0.2)
 
 
 def toy_prompts(n: int, seed: int) -> list[str]:

@@ -71,11 +71,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ntk_rankgen_assets"
 
 
+_CHECKPOINT_LAYOUT = 2  # 2: the tokenizer has a pad token, as on the Hub
+
+
 def smollm2_checkpoint() -> Path:
     """A folder with SmolLM2-135M-Instruct as a float32 transformers checkpoint, converted from the GGUF file once."""
     gguf = smollm2_gguf_path()
     stat = gguf.stat()
-    target = cache_root() / f"SmolLM2-135M-Instruct-{stat.st_size}"
+    # The suffix names the layout written below; a new one makes older conversions be redone.
+    target = cache_root() / f"SmolLM2-135M-Instruct-{stat.st_size}-{_CHECKPOINT_LAYOUT}"
     if (target / _COMPLETE).is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -89,6 +93,8 @@ def smollm2_checkpoint() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    if tokenizer.pad_token_id is None:  # older transformers read no pad token from the GGUF; the Hub's is the eos
+        tokenizer.pad_token = tokenizer.eos_token
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
     try:

@@ -39,11 +39,12 @@ DOCSTRING_MODULES = (
 )
 
 
-def python_reference_docs() -> list[str]:
-    """The Python reference documentation shipped as ``pydoc_data.topics`` (~465 k characters), one text per topic."""
+def python_reference_docs(strip: bool = True) -> list[str]:
+    """The Python reference documentation shipped as ``pydoc_data.topics`` (~465 k characters), one text per topic
+    in the order of the topics' names; ``strip=False`` keeps each topic's leading and trailing blank lines."""
     from pydoc_data.topics import topics
 
-    return [topics[key].strip() for key in sorted(topics)]
+    return [topics[key].strip() if strip else topics[key] for key in sorted(topics)]
 
 
 def _public_members(module) -> list[tuple[str, object]]:

@@ -1,7 +1,7 @@
 """Small offline stand-ins and the stock-Trainer loop that the demo and the benchmarks share.
 
-A byte-level BPE tokenizer trained on the spot, a Trainer run over fixed token blocks, and perplexity on held-out
-blocks: what a benchmark needs when no pretrained model may be downloaded.
+A byte-level BPE tokenizer trained on the spot, a small Llama built from a config, a Trainer run over fixed token
+blocks, and perplexity on held-out blocks: what a benchmark needs when no pretrained model may be downloaded.
 """
 
 from __future__ import annotations
@@ -53,6 +53,41 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int) -> Any:
     )
     raw.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=EOS, pad_token=EOS, bos_token=EOS)
+
+
+def small_llama(
+    tokenizer: Any,
+    *,
+    hidden_size: int,
+    num_hidden_layers: int,
+    max_position_embeddings: int,
+    intermediate_size: Optional[int] = None,
+    num_attention_heads: int = 4,
+    num_key_value_heads: Optional[int] = None,
+    **config: Any,
+) -> torch.nn.Module:
+    """A randomly initialised Llama for ``tokenizer`` (its vocabulary and special tokens), from a ``LlamaConfig``.
+
+    The MLP is twice as wide as the model and there are half as many key/value heads as query heads unless said
+    otherwise; ``config`` goes to ``LlamaConfig`` too (e.g. ``tie_word_embeddings``, ``initializer_range``).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size or 2 * hidden_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_key_value_heads or max(num_attention_heads // 2, 1),
+            max_position_embeddings=max_position_embeddings,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **config,
+        )
+    )
 
 
 class BlockDataset(torch.utils.data.Dataset):

@@ -36,6 +36,8 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -246,6 +248,43 @@ class _Candidate:
     text: str
     score: float
     finished: bool
+
+
+@dataclass
+class _Plan:
+    """What a :func:`rankgen_generate` call decides before decoding and keeps to the end."""
+
+    settings: RankGenSettings
+    device: torch.device
+    k: int  # num_return_sequences: candidates returned per prompt
+    candidates_per_round: int  # rows per prompt after the prefill: B·N (beam) or N (rerank)
+    prompt_ids: torch.LongTensor  # (prompts, prompt length), as given: the start of the returned sequences
+    pad_token: torch.Tensor | None
+    eos_set: set[int]
+    pad_finished: bool  # finished rows emit padding (an EOS stopping criterion and a pad token)
+    stopping_criteria: StoppingCriteriaList  # without MaxLengthCriteria: `max_new_tokens` bounds the steps
+    max_new_tokens: int
+    every: int  # new tokens between scoring rounds
+    prompt_texts: list[str]
+    fresh_cache: bool  # no cache was passed in, or an empty one
+    use_cache: bool
+    model_length: int = 0  # where the continuation starts in the model's (truncated) rows
+
+    @property
+    def num_prompts(self) -> int:
+        return self.prompt_ids.shape[0]
+
+
+@dataclass
+class _Rows:
+    """The decoding rows between steps; a scoring round replaces them by the survivors' continuations."""
+
+    input_ids: torch.LongTensor  # the model's rows: (truncated) prompt and continuation so far
+    model_kwargs: dict  # attention mask, cache, ... with one row per decoding row
+    next_logits: torch.Tensor  # float32 logits of each row's next token
+    row_prompt: torch.Tensor  # the prompt of each row
+    unfinished: torch.Tensor  # 1 for rows still producing tokens in this round
+    lengths: torch.Tensor  # tokens each row produced before finishing (its continuation)
 
 
 def _resolve_settings(rankgen: Any, rankgen_tokenizer: Any) -> RankGenSettings:
@@ -473,24 +512,28 @@ def predicted_kv_cache_bytes(model: nn.Module, rows: int, length: int) -> int | 
     return rows * positions * 2 * dims["kv_heads"] * dims["head_dim"] * dims["itemsize"]
 
 
-def _read_int(path: str, prefix: str = "") -> int | None:
+CGROUP = "/sys/fs/cgroup"  # where a process in a cgroup v2 container sees its own memory controller
+
+
+def _cgroup_memory_left() -> int | None:
+    """What a memory-limited cgroup v2 container can still take: its limit minus what it uses other than page cache
+    (which the kernel reclaims); ``None`` without a limit (``memory.max`` is ``max``) or outside such a container."""
     try:
-        with open(path, encoding="ascii") as f:
-            for line in f:
-                if line.startswith(prefix):
-                    value = line[len(prefix) :].split()[0]
-                    return int(value) * (1024 if line.rstrip().endswith("kB") else 1)
-    except (OSError, ValueError, IndexError):
+        limit = int(Path(CGROUP, "memory.max").read_text())
+        used = int(Path(CGROUP, "memory.current").read_text())
+        stat = dict(line.split() for line in Path(CGROUP, "memory.stat").read_text().splitlines())
+        page_cache = int(stat["file"])
+    except (OSError, ValueError, KeyError):
         return None
-    return None
+    return max(limit - (used - page_cache), 0)
 
 
 def available_memory_bytes(device: torch.device) -> int | None:
     """Memory that new tensors on ``device`` can still take, or ``None`` where it cannot be told.
 
-    CUDA: free device memory plus what torch's caching allocator holds but does not use. CPU: ``MemAvailable`` from
-    ``/proc/meminfo``, lowered inside a memory-limited (cgroup v2) container to its limit minus what it uses other
-    than page cache (which the kernel reclaims), so that the estimate errs on the generous side.
+    CUDA: free device memory plus what torch's caching allocator holds but does not use. CPU: psutil's available
+    memory (``MemAvailable`` on Linux), lowered inside a memory-limited (cgroup v2) container to its limit minus what
+    it uses other than page cache, so that the estimate errs on the generous side.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -501,13 +544,15 @@ def available_memory_bytes(device: torch.device) -> int | None:
             return None
     if device.type != "cpu":
         return None
-    available = _read_int("/proc/meminfo", "MemAvailable:")
-    cgroup = "/sys/fs/cgroup/"
-    limit, used = _read_int(cgroup + "memory.max"), _read_int(cgroup + "memory.current")
-    page_cache = _read_int(cgroup + "memory.stat", "file ")
-    if available is not None and None not in (limit, used, page_cache):
-        available = min(available, max(limit - (used - page_cache), 0))
-    return available
+    try:  # the exported custom_generate folder runs with torch and transformers only
+        import psutil
+    except ImportError:
+        return None
+    available = psutil.virtual_memory().available
+    # Inside a container MemAvailable is the host's, while the OOM killer enforces the container's limit: without it
+    # the check would pass calls that the kernel then kills without a message, the failure the check is there to spare.
+    left = _cgroup_memory_left()
+    return available if left is None else min(available, left)
 
 
 def _size(n: int) -> str:
@@ -648,6 +693,38 @@ def rankgen_generate(
     (1, torch.Size([1]))
     ```
     """
+    # 1. prepare: check the call, keep one row per prompt, read the prompts' text, fit them to the model and memory
+    plan, input_ids, model_kwargs = _prepare(
+        model, input_ids, stopping_criteria, generation_config, synced_gpus, rankgen, rankgen_tokenizer, model_kwargs
+    )
+    scorer = _RoundScorer(plan.settings, plan.prompt_texts)
+    sampler = TokenSampler(logits_processor)  # top-k / top-p without sorting the vocabulary (see sampling.py)
+    # 2. prefill: one forward per prompt, then each prompt's rows of the first round
+    rows, decode_cache, shared = _prefill(model, plan, input_ids, generation_config, model_kwargs)
+    # 3. decode: sample a token for every row; every `rerank_every` tokens, score the candidates and select survivors
+    optimize = getattr(model, "_optimize_model_for_decode", contextlib.nullcontext)
+    with optimize(), shared_prompt_attention(model, decode_cache, enabled=shared):
+        results = _decode(model, plan, rows, sampler, scorer)
+    # 4. output: each prompt as given followed by its best continuation(s)
+    return _output(plan, results, generation_config, streamer)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1. prepare
+
+
+def _prepare(
+    model: nn.Module,
+    input_ids: torch.LongTensor,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config: Any,
+    synced_gpus: bool,
+    rankgen: RankGenSettings | Any,
+    rankgen_tokenizer: Any,
+    model_kwargs: dict,
+) -> tuple[_Plan, torch.LongTensor, dict]:
+    """Check the call and plan it; returns the plan and the model's inputs: one row per prompt, truncated from the
+    left to what the model can attend to. What can be refused without running the model is refused here."""
     settings = _resolve_settings(rankgen, rankgen_tokenizer)
     _check_inputs(model, generation_config, synced_gpus, model_kwargs)
     if input_ids.shape[-1] == 0:
@@ -655,10 +732,24 @@ def rankgen_generate(
             "RankGen decoding got an empty prompt (input_ids of length 0): the model has nothing to continue. Give "
             "every prompt at least one token, e.g. the tokenizer's BOS token (`input_ids=[[tok.bos_token_id]]`)."
         )
-    tokenizer = settings.tokenizer
-    device = input_ids.device
+    k, candidates_per_round = _candidates_per_prompt(settings, generation_config, input_ids.shape[0])
+    if k > 1:  # generate repeats every prompt num_return_sequences times; RankGen draws its own samples
+        rows_in = input_ids.shape[0]
+        model_kwargs = _select_rows(model_kwargs, torch.arange(0, rows_in, k, device=input_ids.device), rows_in)
+        input_ids = input_ids[::k]
+    _check_no_empty_prompt(model_kwargs.get("attention_mask"))
+    plan = _plan(settings, generation_config, stopping_criteria, input_ids, model_kwargs, k, candidates_per_round)
+    input_ids = _truncate_prompts(model, input_ids, model_kwargs, plan.max_new_tokens, plan.fresh_cache)
+    plan.model_length = input_ids.shape[1]
+    _check_memory(
+        model, settings, plan.num_prompts, candidates_per_round, plan.model_length, plan.max_new_tokens, plan.device
+    )
+    return plan, input_ids, model_kwargs
 
-    # --- one row per prompt (generate expands the inputs by num_return_sequences; we draw our own samples)
+
+def _candidates_per_prompt(settings: RankGenSettings, generation_config: Any, batch_rows: int) -> tuple[int, int]:
+    """``(num_return_sequences, candidates ranked per prompt in a round)``; refused when the first exceeds the second
+    or does not divide the batch."""
     k = generation_config.num_return_sequences or 1
     candidates_per_round = (
         settings.num_beams * settings.num_samples if settings.mode == "beam" else settings.num_samples
@@ -668,15 +759,12 @@ def rankgen_generate(
             f"num_return_sequences={k} is more than the {candidates_per_round} candidates RankGen decoding ranks per "
             "prompt; raise num_samples/num_beams or lower num_return_sequences."
         )
-    if input_ids.shape[0] % k:
-        raise ValueError(f"The batch ({input_ids.shape[0]} rows) is not a multiple of num_return_sequences={k}.")
-    if k > 1:
-        rows_in = input_ids.shape[0]
-        model_kwargs = _select_rows(model_kwargs, torch.arange(0, rows_in, k, device=device), rows_in)
-        input_ids = input_ids[::k]
-    num_prompts, prompt_length = input_ids.shape
-    prompt_ids = input_ids  # as given, returned in the output
-    attention_mask = model_kwargs.get("attention_mask")
+    if batch_rows % k:
+        raise ValueError(f"The batch ({batch_rows} rows) is not a multiple of num_return_sequences={k}.")
+    return k, candidates_per_round
+
+
+def _check_no_empty_prompt(attention_mask: Any) -> None:
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         empty = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
         if empty:
@@ -686,71 +774,108 @@ def rankgen_generate(
                 "at least one token (e.g. the tokenizer's BOS token)."
             )
 
+
+def _plan(
+    settings: RankGenSettings,
+    generation_config: Any,
+    stopping_criteria: StoppingCriteriaList,
+    prompt_ids: torch.LongTensor,
+    model_kwargs: dict,
+    k: int,
+    candidates_per_round: int,
+) -> _Plan:
+    """The call's fixed facts: special tokens, stopping, lengths and the prompts' text (padding removed)."""
+    device = prompt_ids.device
     pad_token = getattr(generation_config, "_pad_token_tensor", None)
     if pad_token is None and generation_config.pad_token_id is not None:
         pad_token = torch.tensor(generation_config.pad_token_id, device=device)
     eos_tokens = getattr(generation_config, "_eos_token_tensor", None)
     if eos_tokens is None and generation_config.eos_token_id is not None:
         eos_tokens = torch.tensor(generation_config.eos_token_id, device=device)
-    eos_set = set() if eos_tokens is None else set(eos_tokens.flatten().tolist())
     if pad_token is not None:
         pad_token = pad_token.to(device)
-    has_eos_stopping_criteria = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
-    max_new_tokens = _max_new_tokens(stopping_criteria, generation_config, prompt_length)
-    stopping_criteria = StoppingCriteriaList(c for c in stopping_criteria if not isinstance(c, MaxLengthCriteria))
-    every = settings.rerank_every if settings.mode == "beam" else max_new_tokens
+    max_new_tokens = _max_new_tokens(stopping_criteria, generation_config, prompt_ids.shape[1])
+    cache = model_kwargs.get("cache")
+    return _Plan(
+        settings=settings,
+        device=device,
+        k=k,
+        candidates_per_round=candidates_per_round,
+        prompt_ids=prompt_ids,
+        pad_token=pad_token,
+        eos_set=set() if eos_tokens is None else set(eos_tokens.flatten().tolist()),
+        pad_finished=pad_token is not None and any(hasattr(c, "eos_token_id") for c in stopping_criteria),
+        stopping_criteria=StoppingCriteriaList(c for c in stopping_criteria if not isinstance(c, MaxLengthCriteria)),
+        max_new_tokens=max_new_tokens,
+        every=settings.rerank_every if settings.mode == "beam" else max_new_tokens,
+        prompt_texts=_prompt_texts(settings.tokenizer, prompt_ids, model_kwargs.get("attention_mask")),
+        fresh_cache=cache is None or cache.get_seq_length() == 0,
+        use_cache=model_kwargs.get("use_cache", True),
+    )
 
-    # --- the prompts' text, for the scorer (whole prompt, padding removed)
-    prompt_texts = []
+
+def _prompt_texts(tokenizer: Any, prompt_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> list[str]:
+    """Each whole prompt's text for the scorer, padding removed."""
     id_rows = prompt_ids.tolist()
     mask_rows = None if attention_mask is None else attention_mask.tolist()
-    for p in range(num_prompts):
+    texts = []
+    for p in range(len(id_rows)):
         ids = id_rows[p] if mask_rows is None else [t for t, m in zip(id_rows[p], mask_rows[p]) if m]
-        prompt_texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return texts
 
-    # --- truncate from the left what the model cannot attend to
-    text_config = _text_config(model)
-    max_positions = getattr(text_config, "max_position_embeddings", None)
-    cache = model_kwargs.get("cache")
-    fresh_cache = cache is None or cache.get_seq_length() == 0
-    if max_positions and fresh_cache and prompt_length + max_new_tokens > max_positions:
-        keep = max_positions - max_new_tokens
-        if keep < 1:
-            raise ValueError(
-                f"max_new_tokens={max_new_tokens} leaves no room for the prompt within the model's "
-                f"max_position_embeddings={max_positions}: lower max_new_tokens below {max_positions}."
-            )
-        logger.warning(
-            f"RankGen decoding: the prompt ({prompt_length} tokens) plus max_new_tokens={max_new_tokens} exceeds the "
-            f"model's max_position_embeddings={max_positions}; the prompt is truncated from the left to {keep} "
-            "tokens for the generator (the scorer still sees the whole prompt)."
+
+def _truncate_prompts(
+    model: nn.Module, input_ids: torch.LongTensor, model_kwargs: dict, max_new_tokens: int, fresh_cache: bool
+) -> torch.LongTensor:
+    """Cut from the left what the model cannot attend to (``model_kwargs`` in place); the scorer and the returned
+    sequences keep the whole prompt."""
+    max_positions = getattr(_text_config(model), "max_position_embeddings", None)
+    num_prompts, prompt_length = input_ids.shape
+    if not (max_positions and fresh_cache and prompt_length + max_new_tokens > max_positions):
+        return input_ids
+    keep = max_positions - max_new_tokens
+    if keep < 1:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} leaves no room for the prompt within the model's "
+            f"max_position_embeddings={max_positions}: lower max_new_tokens below {max_positions}."
         )
-        input_ids = input_ids[:, -keep:]
+    logger.warning(
+        f"RankGen decoding: the prompt ({prompt_length} tokens) plus max_new_tokens={max_new_tokens} exceeds the "
+        f"model's max_position_embeddings={max_positions}; the prompt is truncated from the left to {keep} "
+        "tokens for the generator (the scorer still sees the whole prompt)."
+    )
+    attention_mask = model_kwargs.get("attention_mask")
+    if attention_mask is not None:
+        model_kwargs["attention_mask"] = attention_mask = attention_mask[:, -keep:]
+    if "token_type_ids" in model_kwargs and model_kwargs["token_type_ids"] is not None:
+        model_kwargs["token_type_ids"] = model_kwargs["token_type_ids"][:, -keep:]
+    if model_kwargs.get("position_ids") is not None:
         if attention_mask is not None:
-            model_kwargs["attention_mask"] = attention_mask = attention_mask[:, -keep:]
-        if "token_type_ids" in model_kwargs and model_kwargs["token_type_ids"] is not None:
-            model_kwargs["token_type_ids"] = model_kwargs["token_type_ids"][:, -keep:]
-        if model_kwargs.get("position_ids") is not None:
-            if attention_mask is not None:
-                positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-            else:
-                positions = torch.arange(keep, device=device).unsqueeze(0).expand(num_prompts, -1)
-            model_kwargs["position_ids"] = positions
-    model_length = input_ids.shape[1]  # where the continuation starts in the model's rows
-    _check_memory(model, settings, num_prompts, candidates_per_round, model_length, max_new_tokens, device)
+            positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        else:
+            positions = torch.arange(keep, device=input_ids.device).unsqueeze(0).expand(num_prompts, -1)
+        model_kwargs["position_ids"] = positions
+    return input_ids[:, -keep:]
 
-    scorer = _RoundScorer(settings, prompt_texts)
-    sampler = TokenSampler(logits_processor)  # top-k / top-p without sorting the vocabulary (see sampling.py)
-    pool: list[list[_Candidate]] = [[] for _ in range(num_prompts)]  # finished survivors, per prompt
-    use_cache = model_kwargs.get("use_cache", True)
 
-    # --- prefill: one row per prompt
+# --------------------------------------------------------------------------------------------------------------------
+# 2. prefill
+
+
+def _prefill(
+    model: nn.Module, plan: _Plan, input_ids: torch.LongTensor, generation_config: Any, model_kwargs: dict
+) -> tuple[_Rows, Any, bool]:
+    """One forward per prompt, then the cache's layout for decoding and the first round's rows: ``B·N`` (beam) or
+    ``N`` (rerank) per prompt, all continuing the prompt's last logits. Returns the rows, the cache and whether its
+    layers share each prompt's keys/values."""
+    attention_mask = model_kwargs.get("attention_mask")  # the prompts' own: the update below appends a column
     if hasattr(model, "_prefill"):
         outputs = model._prefill(input_ids, generation_config, model_kwargs)
     else:  # older transformers
         outputs = model(**model.prepare_inputs_for_generation(input_ids, **model_kwargs), return_dict=True)
     model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
-    next_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
+    next_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=plan.device)
     del outputs
     # each prompt's keys/values are kept once and attended to by all its rows together (see shared_prompt.py);
     # where that does not apply, every new token is at least written in place (see kv_cache.py)
@@ -758,111 +883,100 @@ def rankgen_generate(
     # the decoding loop's attention masks are the prompt's followed by ones (`_update_model_kwargs_for_generation`
     # appends one per step), so the layers may skip masking the continuations (no mask to build or read per step)
     shared = (
-        bool(use_cache)
-        and fresh_cache
-        and use_shared_prompt_layers(model, decode_cache, attention_mask, max_new_tokens, continuation_unmasked=True)
+        bool(plan.use_cache)
+        and plan.fresh_cache
+        and use_shared_prompt_layers(
+            model, decode_cache, attention_mask, plan.max_new_tokens, continuation_unmasked=True
+        )
     )
     if not shared:
-        use_growing_layers(decode_cache, max_new_tokens)
+        use_growing_layers(decode_cache, plan.max_new_tokens)
+    row_prompt = torch.arange(plan.num_prompts, device=plan.device).repeat_interleave(plan.candidates_per_round)
+    model_kwargs = _select_rows(model_kwargs, row_prompt, plan.num_prompts)
+    unfinished = torch.ones(len(row_prompt), dtype=torch.long, device=plan.device)
+    rows = _Rows(
+        input_ids=input_ids[row_prompt],
+        model_kwargs=model_kwargs,
+        next_logits=next_logits[row_prompt],
+        row_prompt=row_prompt,
+        unfinished=unfinished,
+        lengths=torch.zeros_like(unfinished),
+    )
+    return rows, decode_cache, shared
 
-    # first round: B·N (beam) or N (rerank) samples from each prompt's single row
-    row_prompt = torch.arange(num_prompts, device=device).repeat_interleave(candidates_per_round)
-    model_kwargs = _select_rows(model_kwargs, row_prompt, num_prompts)
-    input_ids = input_ids[row_prompt]
-    next_logits = next_logits[row_prompt]
 
-    unfinished = torch.ones(len(row_prompt), dtype=torch.long, device=device)
-    lengths = torch.zeros_like(unfinished)  # tokens each row produced before finishing (its continuation)
+# --------------------------------------------------------------------------------------------------------------------
+# 3. decode: sample / score / select, one forward per step
 
-    def advance(tokens):
-        """The step's bookkeeping for drawn ``tokens``, on the device: (input_ids, lengths, unfinished) after the step,
-        and whether any row is unfinished (read by the sampler together with its own checks)."""
-        if has_eos_stopping_criteria and pad_token is not None:
-            tokens = tokens * unfinished + pad_token * (1 - unfinished)
-        ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
-        still = unfinished & ~stopping_criteria(ids, None).to(device)
-        return (ids, lengths + unfinished, still), still.any()
 
-    # Device→host reads per decode step: ONE in the common case, the sampler's (sampling.py), which also carries the
-    # stopping check computed by `advance`; with shared-prompt attention nothing else in the step reads the device.
-    # A step whose nucleus outgrows the sampler's candidates reads more (the redo); so does a scoring round. With
-    # stopping criteria that may keep state, they are called once per step after the draw: a second read.
-    pure_stopping = all(type(c) in PURE_STOPPING_CRITERIA for c in stopping_criteria)
+def _decode(
+    model: nn.Module, plan: _Plan, rows: _Rows, sampler: TokenSampler, scorer: _RoundScorer
+) -> list[list[_Candidate]]:
+    """Decode until every prompt's candidates are final; returns each prompt's best ``num_return_sequences``.
+
+    Device→host reads per decode step: ONE in the common case, the sampler's (sampling.py), which also carries the
+    stopping check computed by :func:`_advance`; with shared-prompt attention nothing else in the step reads the
+    device. A step whose nucleus outgrows the sampler's candidates reads more (the redo); so does a scoring round.
+    With stopping criteria that may keep state, they are called once per step after the draw: a second read.
+    """
+    pool: list[list[_Candidate]] = [[] for _ in range(plan.num_prompts)]  # finished survivors, per prompt
+    pure_stopping = all(type(c) in PURE_STOPPING_CRITERIA for c in plan.stopping_criteria)
     step = 0
-    optimize = getattr(model, "_optimize_model_for_decode", contextlib.nullcontext)
-    with optimize(), shared_prompt_attention(model, decode_cache, enabled=shared):
-        while True:
-            # --- sample one token for every row
-            if pure_stopping:
-                _, (input_ids, lengths, unfinished), flags = sampler.sample(input_ids, next_logits, follow=advance)
-                any_unfinished = bool(flags[0])
-            else:
-                (input_ids, lengths, unfinished), any_unfinished = advance(sampler(input_ids, next_logits))
-            step += 1
+    while True:
+        any_unfinished = _sample(plan, rows, sampler, pure_stopping)
+        step += 1
+        last = step >= plan.max_new_tokens or not bool(any_unfinished)
+        if step % plan.every == 0 or last:
+            by_prompt = _score(plan, rows, scorer)
+            results = _select(plan, rows, by_prompt, pool, last)
+            if results is not None:
+                return results
+        _forward(model, plan, rows)
 
-            last = step >= max_new_tokens or not bool(any_unfinished)
-            if step % every == 0 or last:
-                # --- a scoring round
-                rows, row_prompt_list = _row_candidates(
-                    input_ids, model_length, lengths, unfinished, row_prompt, eos_set, tokenizer
-                )
-                row_scores = scorer(row_prompt_list, [c.text for c in rows])
-                for candidate, score in zip(rows, row_scores):
-                    candidate.score = score
-                by_prompt: list[list[tuple[int, _Candidate]]] = [[] for _ in range(num_prompts)]
-                for r, (p, candidate) in enumerate(zip(row_prompt_list, rows)):
-                    by_prompt[p].append((r, candidate))
-                if last:
-                    results = [_rank([c for _, c in by_prompt[p]] + pool[p], k) for p in range(num_prompts)]
-                    break
-                keep_rows = []
-                for p in range(num_prompts):
-                    row_of = {id(c): r for r, c in by_prompt[p]}
-                    survivors = _rank([c for _, c in by_prompt[p]] + pool[p], settings.num_beams)
-                    pool[p] = [c for c in survivors if c.finished]
-                    keep_rows += [row_of[id(c)] for c in survivors if not c.finished]
-                if not keep_rows:  # every prompt's survivors have finished
-                    results = [_rank(pool[p], k) for p in range(num_prompts)]
-                    break
-                index = torch.tensor(keep_rows, device=device).repeat_interleave(settings.num_samples)
-                model_kwargs = _select_rows(model_kwargs, index, len(row_prompt))
-                input_ids, row_prompt = input_ids[index], row_prompt[index]
-                unfinished = torch.ones(len(index), dtype=torch.long, device=device)
-                lengths = lengths[index]
 
-            # --- one forward for every row; the cache holds everything but the last token
-            model_inputs = model.prepare_inputs_for_generation(
-                input_ids, next_sequence_length=1 if use_cache else None, **model_kwargs
-            )
-            outputs = model(**model_inputs, return_dict=True)
-            model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
-            next_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
-            del outputs
+def _advance(
+    plan: _Plan, rows: _Rows, tokens: torch.LongTensor
+) -> tuple[tuple[torch.LongTensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The step's bookkeeping for drawn ``tokens``, on the device: (input_ids, lengths, unfinished) after the step,
+    and whether any row is unfinished (read by the sampler together with its own checks). It leaves ``rows`` as they
+    are: the sampler calls it again when it redoes a draw."""
+    if plan.pad_finished:
+        tokens = tokens * rows.unfinished + plan.pad_token * (1 - rows.unfinished)
+    ids = torch.cat([rows.input_ids, tokens[:, None]], dim=-1)
+    still = rows.unfinished & ~plan.stopping_criteria(ids, None).to(plan.device)
+    return (ids, rows.lengths + rows.unfinished, still), still.any()
 
-    # --- assemble: prompt as given + best continuation(s), right-padded
-    chosen = []
-    for p in range(num_prompts):
-        ranked = results[p]
-        chosen += [ranked[i] if i < len(ranked) else ranked[0] for i in range(k)]  # too few: repeat the best
-    width = max(len(c.tokens) for c in chosen)
-    if pad_token is None and any(len(c.tokens) < width for c in chosen):
-        raise ValueError("Set `pad_token_id` (or `eos_token_id`) to pad continuations of different lengths.")
-    fill = int(pad_token) if pad_token is not None else 0
-    sequences = torch.full((len(chosen), prompt_length + width), fill, dtype=torch.long, device=device)
-    sequences[:, :prompt_length] = prompt_ids.repeat_interleave(k, dim=0)
-    for i, candidate in enumerate(chosen):
-        sequences[i, prompt_length : prompt_length + len(candidate.tokens)] = torch.tensor(
-            candidate.tokens, dtype=torch.long, device=device
-        )
-    if streamer is not None:
-        streamer.put(sequences[:, prompt_length:].cpu())
-        streamer.end()
-    if generation_config.return_dict_in_generate:
-        return RankGenDecoderOnlyOutput(
-            sequences=sequences,
-            sequences_scores=torch.tensor([c.score for c in chosen], dtype=torch.float32, device=device),
-        )
-    return sequences
+
+def _sample(plan: _Plan, rows: _Rows, sampler: TokenSampler, pure_stopping: bool) -> bool | torch.Tensor:
+    """Append one token to every row; returns whether any row is unfinished (a device tensor where stopping
+    criteria with state were called after the draw: the caller reads it only when it needs to)."""
+    if pure_stopping:
+        _, state, flags = sampler.sample(rows.input_ids, rows.next_logits, follow=partial(_advance, plan, rows))
+        any_unfinished = bool(flags[0])
+    else:
+        state, any_unfinished = _advance(plan, rows, sampler(rows.input_ids, rows.next_logits))
+    rows.input_ids, rows.lengths, rows.unfinished = state
+    return any_unfinished
+
+
+def _score(plan: _Plan, rows: _Rows, scorer: _RoundScorer) -> list[list[tuple[int, _Candidate]]]:
+    """Every row's continuation so far as a scored candidate, grouped by prompt as ``(row, candidate)``."""
+    candidates, row_prompt_list = _row_candidates(
+        rows.input_ids,
+        plan.model_length,
+        rows.lengths,
+        rows.unfinished,
+        rows.row_prompt,
+        plan.eos_set,
+        plan.settings.tokenizer,
+    )
+    row_scores = scorer(row_prompt_list, [c.text for c in candidates])
+    for candidate, score in zip(candidates, row_scores):
+        candidate.score = score
+    by_prompt: list[list[tuple[int, _Candidate]]] = [[] for _ in range(plan.num_prompts)]
+    for r, (p, candidate) in enumerate(zip(row_prompt_list, candidates)):
+        by_prompt[p].append((r, candidate))
+    return by_prompt
 
 
 def _row_candidates(
@@ -884,3 +998,70 @@ def _row_candidates(
         for ids, text, row in zip(tokens, texts, table)
     ]
     return candidates, [row[-1] for row in table]
+
+
+def _select(
+    plan: _Plan, rows: _Rows, by_prompt: list[list[tuple[int, _Candidate]]], pool: list[list[_Candidate]], last: bool
+) -> list[list[_Candidate]] | None:
+    """Keep each prompt's ``B`` best candidates: the finished ones go to ``pool``, the rest are continued by ``N``
+    rows each. Returns each prompt's final ranking when decoding is over (the last step, or no unfinished survivor),
+    else ``None``."""
+    if last:
+        return [_rank([c for _, c in by_prompt[p]] + pool[p], plan.k) for p in range(plan.num_prompts)]
+    keep_rows = []
+    for p in range(plan.num_prompts):
+        row_of = {id(c): r for r, c in by_prompt[p]}
+        survivors = _rank([c for _, c in by_prompt[p]] + pool[p], plan.settings.num_beams)
+        pool[p] = [c for c in survivors if c.finished]
+        keep_rows += [row_of[id(c)] for c in survivors if not c.finished]
+    if not keep_rows:  # every prompt's survivors have finished
+        return [_rank(pool[p], plan.k) for p in range(plan.num_prompts)]
+    index = torch.tensor(keep_rows, device=plan.device).repeat_interleave(plan.settings.num_samples)
+    rows.model_kwargs = _select_rows(rows.model_kwargs, index, len(rows.row_prompt))
+    rows.input_ids, rows.row_prompt = rows.input_ids[index], rows.row_prompt[index]
+    rows.unfinished = torch.ones(len(index), dtype=torch.long, device=plan.device)
+    rows.lengths = rows.lengths[index]
+    return None
+
+
+def _forward(model: nn.Module, plan: _Plan, rows: _Rows) -> None:
+    """One forward for every row; the cache holds everything but the last token."""
+    model_inputs = model.prepare_inputs_for_generation(
+        rows.input_ids, next_sequence_length=1 if plan.use_cache else None, **rows.model_kwargs
+    )
+    outputs = model(**model_inputs, return_dict=True)
+    rows.model_kwargs = model._update_model_kwargs_for_generation(outputs, rows.model_kwargs, is_encoder_decoder=False)
+    rows.next_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=plan.device)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 4. output
+
+
+def _output(
+    plan: _Plan, results: list[list[_Candidate]], generation_config: Any, streamer: Any
+) -> torch.LongTensor | RankGenDecoderOnlyOutput:
+    """Each prompt as given followed by its best continuation(s), right-padded to a common length."""
+    chosen = []
+    for ranked in results:
+        chosen += [ranked[i] if i < len(ranked) else ranked[0] for i in range(plan.k)]  # too few: repeat the best
+    width = max(len(c.tokens) for c in chosen)
+    if plan.pad_token is None and any(len(c.tokens) < width for c in chosen):
+        raise ValueError("Set `pad_token_id` (or `eos_token_id`) to pad continuations of different lengths.")
+    fill = int(plan.pad_token) if plan.pad_token is not None else 0
+    prompt_length = plan.prompt_ids.shape[1]
+    sequences = torch.full((len(chosen), prompt_length + width), fill, dtype=torch.long, device=plan.device)
+    sequences[:, :prompt_length] = plan.prompt_ids.repeat_interleave(plan.k, dim=0)
+    for i, candidate in enumerate(chosen):
+        sequences[i, prompt_length : prompt_length + len(candidate.tokens)] = torch.tensor(
+            candidate.tokens, dtype=torch.long, device=plan.device
+        )
+    if streamer is not None:
+        streamer.put(sequences[:, prompt_length:].cpu())
+        streamer.end()
+    if generation_config.return_dict_in_generate:
+        return RankGenDecoderOnlyOutput(
+            sequences=sequences,
+            sequences_scores=torch.tensor([c.score for c in chosen], dtype=torch.float32, device=plan.device),
+        )
+    return sequences

@@ -4,23 +4,68 @@
 (every model class that inherits it, PEFT models whose ``generate`` forwards to the base model, and
 ``pipeline("text-generation")``). Only calls carrying ``rankgen=`` take the new route; every other call reaches the
 original ``generate`` unchanged. :func:`disable_rankgen_generate` puts the original back.
+
+Both replacements are :class:`~rankgen_logits._patching.MethodPatch` es: ``GenerationMixin.generate`` and
+``TextGenerationPipeline._forward``.
 """
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
+from typing import Any
 
 from transformers import GenerationMixin
 from transformers.pipelines.text_generation import TextGenerationPipeline
 
+from ._patching import MethodPatch
 from .generation import rankgen_generate
 
-_MARKER = "_rankgen_logits_wrapper"
+
+def _routing_generate(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``generate`` that sends calls carrying ``rankgen=`` to RankGen decoding (see :func:`enable_rankgen_generate`)."""
+
+    def generate(self, *args, rankgen=None, **kwargs):
+        if rankgen is None:
+            return original(self, *args, **kwargs)
+        custom = kwargs.pop("custom_generate", None)
+        if custom is not None and custom is not rankgen_generate:
+            raise ValueError(
+                f"`rankgen=` selects RankGen decoding; it cannot be combined with custom_generate={custom!r}."
+            )
+        if kwargs.get("streamer") is not None:
+            raise ValueError(
+                "Streaming is not supported with `rankgen=`: RankGen decoding only knows the final text at the end."
+            )
+        tokenizer = kwargs.pop("tokenizer", None)
+        if kwargs.get("rankgen_tokenizer") is None:
+            kwargs["rankgen_tokenizer"] = tokenizer
+        kwargs.setdefault("do_sample", True)
+        return original(self, *args, custom_generate=rankgen_generate, rankgen=rankgen, **kwargs)
+
+    return generate
+
+
+def _forward_pipeline_tokenizer(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``pipeline("text-generation")`` calls ``generate`` without its tokenizer; RankGen needs it to read candidates,
+    so a pipeline call that carries ``rankgen=`` hands the pipeline's own tokenizer on as ``rankgen_tokenizer``."""
+
+    def _forward(self, model_inputs, **generate_kwargs):
+        if generate_kwargs.get("rankgen") is not None and self.tokenizer is not None:
+            if generate_kwargs.get("rankgen_tokenizer") is None and generate_kwargs.get("tokenizer") is None:
+                generate_kwargs["rankgen_tokenizer"] = self.tokenizer
+        return original(self, model_inputs, **generate_kwargs)
+
+    return _forward
+
+
+GENERATE_PATCH = MethodPatch(GenerationMixin, "generate", _routing_generate)
+PIPELINE_PATCH = MethodPatch(TextGenerationPipeline, "_forward", _forward_pipeline_tokenizer)
+PATCHES = (PIPELINE_PATCH, GENERATE_PATCH)
 
 
 def rankgen_generate_enabled() -> bool:
     """Whether ``GenerationMixin.generate`` currently routes ``rankgen=`` calls to RankGen decoding."""
-    return getattr(GenerationMixin.generate, _MARKER, False)
+    return GENERATE_PATCH.applied
 
 
 def enable_rankgen_generate() -> None:
@@ -60,59 +105,11 @@ def enable_rankgen_generate() -> None:
     >>> rankgen_logits.disable_rankgen_generate()
     ```
     """
-    if rankgen_generate_enabled():
-        return
-    _enable_pipeline_tokenizer()
-    original = GenerationMixin.generate
-
-    @functools.wraps(original)
-    def generate(self, *args, rankgen=None, **kwargs):
-        if rankgen is None:
-            return original(self, *args, **kwargs)
-        custom = kwargs.pop("custom_generate", None)
-        if custom is not None and custom is not rankgen_generate:
-            raise ValueError(
-                f"`rankgen=` selects RankGen decoding; it cannot be combined with custom_generate={custom!r}."
-            )
-        if kwargs.get("streamer") is not None:
-            raise ValueError(
-                "Streaming is not supported with `rankgen=`: RankGen decoding only knows the final text at the end."
-            )
-        tokenizer = kwargs.pop("tokenizer", None)
-        if kwargs.get("rankgen_tokenizer") is None:
-            kwargs["rankgen_tokenizer"] = tokenizer
-        kwargs.setdefault("do_sample", True)
-        return original(self, *args, custom_generate=rankgen_generate, rankgen=rankgen, **kwargs)
-
-    setattr(generate, _MARKER, True)
-    generate.__wrapped__ = original
-    GenerationMixin.generate = generate
+    for patch in PATCHES:
+        patch.apply()
 
 
 def disable_rankgen_generate() -> None:
     """Undo :func:`enable_rankgen_generate` (a no-op when it is not enabled)."""
-    current = GenerationMixin.generate
-    if getattr(current, _MARKER, False):
-        GenerationMixin.generate = current.__wrapped__
-    current = TextGenerationPipeline._forward
-    if getattr(current, _MARKER, False):
-        TextGenerationPipeline._forward = current.__wrapped__
-
-
-def _enable_pipeline_tokenizer() -> None:
-    """``pipeline("text-generation")`` calls ``generate`` without its tokenizer; RankGen needs it to read candidates,
-    so a pipeline call that carries ``rankgen=`` hands the pipeline's own tokenizer on as ``rankgen_tokenizer``."""
-    original = TextGenerationPipeline._forward
-    if getattr(original, _MARKER, False):
-        return
-
-    @functools.wraps(original)
-    def _forward(self, model_inputs, **generate_kwargs):
-        if generate_kwargs.get("rankgen") is not None and self.tokenizer is not None:
-            if generate_kwargs.get("rankgen_tokenizer") is None and generate_kwargs.get("tokenizer") is None:
-                generate_kwargs["rankgen_tokenizer"] = self.tokenizer
-        return original(self, model_inputs, **generate_kwargs)
-
-    setattr(_forward, _MARKER, True)
-    _forward.__wrapped__ = original
-    TextGenerationPipeline._forward = _forward
+    for patch in reversed(PATCHES):
+        patch.revert()

@@ -5,18 +5,27 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ntk_speed.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_ntk_speed", BENCH)
+def _load(name: str):
+    """A benchmarks/ module, loaded from its file; benchmarks/ goes on sys.path as ``python benchmarks/<name>.py``
+    puts it, for the scripts that import a sibling (profile_rankgen_loop.py imports bench_rankgen_loop.py)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.append(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_bench():
+    return _load("bench_ntk_speed")
 
 
 def test_quick_benchmark_measures_every_variant_and_length(tmp_path):
@@ -94,14 +103,6 @@ def test_ntk_speed_summary_and_gpu_preset():
 
 # --------------------------------------------------------------------------------------------------------------------
 # RankGen: decoding speed (benchmarks/bench_rankgen_loop.py) and quality (benchmarks/bench_rankgen_quality.py)
-
-
-def _load(name: str):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quick_rankgen_loop_benchmark_counts_forward_calls(tmp_path):
@@ -248,9 +249,7 @@ def test_quick_rankgen_loop_profile(tmp_path):
 @pytest.mark.real_model
 def test_quick_causal_lm_adaptation_on_smollm2(tmp_path, smollm2_path, two_threads):
     """benchmarks/causal_lm_adaptation.py --quick: NTK and LoRA on the real SmolLM2, curves, diagnostics, JSON + PNG."""
-    spec = importlib.util.spec_from_file_location("causal_lm_adaptation", BENCH.parent / "causal_lm_adaptation.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load("causal_lm_adaptation")
     report = bench.main(["--quick", "--output-dir", str(tmp_path)])
     saved = json.loads((tmp_path / "causal_lm_adaptation_quick.json").read_text())
     assert saved["summary"] == report["summary"] and set(saved["summary"]) == {"ntk", "lora"}
