@@ -1,43 +1,61 @@
 """NTK-Attention ("Toward Infinite-Long Prefix in Transformer") as a PEFT tuner type.
 
 Importing this package registers the ``NTK_ATTENTION`` adapter type with PEFT and the ``ntk_sdpa`` / ``ntk_eager``
-attention implementations with transformers. Both registrations are idempotent.
+attention implementations with transformers, and installs the save and Hub integrations for NTK-Attention adapters
+(atomic saves, model cards, ``push_to_hub``; other adapter types keep PEFT's behaviour, and
+``disable_atomic_save()`` / ``disable_hub_integration()`` take them out). Every step is idempotent.
 
     >>> import peft_ntk
     >>> from peft import get_peft_model
     >>> model = get_peft_model(base_model, peft_ntk.NTKAttentionConfig())  # doctest: +SKIP
+
+Layout, along the data path: :mod:`peft_ntk.ops` (the op: reference, fused backends, one dispatcher) →
+:mod:`peft_ntk.tuner` (attention hook → layer → tuner → registration) → :mod:`peft_ntk.hub` (saving, model cards,
+Hub) and :mod:`peft_ntk.tools` (init from text, prefix-tuning conversion, diagnostics).
 """
 
-from .attention import ntk_attention_forward, register_attention_functions
-from .config import NTKAttentionConfig
-from .convert import convert_prefix_tuning
-from .diagnostics import NTKDiagnosticsCallback, prefix_attention_share
-from .feature_maps import PositiveRandomFeatures
-from .hub import disable_hub_integration, enable_hub_integration, push_adapter_to_hub
-from .init_from_text import init_from_text
-from .layer import NTKAttentionLayer
-from .model import NTKAttentionModel, find_attention_modules
-from .model_card import NTKModelCardCallback, record_training_settings
+import importlib as _importlib
+from typing import Any as _Any
+
+from ._deprecated import MOVED_MODULES as _MOVED_MODULES
+from ._deprecated import install_moved_module_finder as _install_moved_module_finder
+from ._version import __version__
+from .hub import (
+    NTKModelCardCallback,
+    atomic_save_pretrained,
+    atomic_save_scope,
+    disable_atomic_save,
+    disable_hub_integration,
+    enable_atomic_save,
+    enable_hub_integration,
+    push_adapter_to_hub,
+    record_training_settings,
+    recover_interrupted_save,
+)
 from .ops import (
     FEATURE_MAPS,
+    PositiveRandomFeatures,
     elu_feature_map,
     naive_ntk_attention,
     ntk_attention,
+    ntk_attention_reference,
     ntk_combine,
+    plan_ntk_attention,
     prefix_state_from_keys_values,
     register_feature_map,
     softmax_attention_with_lse,
 )
-from .registration import NTK_PEFT_TYPE, register_with_peft
-from .saving import (
-    atomic_save_pretrained,
-    atomic_save_scope,
-    disable_atomic_save,
-    enable_atomic_save,
-    recover_interrupted_save,
+from .tools import NTKDiagnosticsCallback, convert_prefix_tuning, init_from_text, prefix_attention_share
+from .tuner import (
+    NTK_PEFT_TYPE,
+    NTKAttentionConfig,
+    NTKAttentionLayer,
+    NTKAttentionModel,
+    find_attention_modules,
+    ntk_attention_forward,
+    register_attention_functions,
+    register_with_peft,
 )
-
-__version__ = "0.1.0"
 
 # AdamW learning rate for Z and k with the default config (zeros init, elu features), with a cosine or linear decay
 # and ~10 % warm-up: the best of 1e-3 / 3e-3 / 1e-2 on SmolLM2-135M (docs/results.md).
@@ -45,7 +63,16 @@ RECOMMENDED_LEARNING_RATE = 1e-3
 
 register_with_peft()
 register_attention_functions()
-enable_hub_integration()  # push_to_hub with an NTK model card, NTK cards on every save, clearer Hub load errors
+enable_atomic_save()  # NTK-Attention adapters only
+enable_hub_integration()  # NTK-Attention adapters only: their model cards and push_to_hub
+_install_moved_module_finder()
+
+
+def __getattr__(name: str) -> _Any:
+    if f"{__name__}.{name}" in _MOVED_MODULES:  # `peft_ntk.kernels` and the like, without importing them first
+        return _importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FEATURE_MAPS",
@@ -57,6 +84,7 @@ __all__ = [
     "NTKDiagnosticsCallback",
     "NTKModelCardCallback",
     "RECOMMENDED_LEARNING_RATE",
+    "__version__",
     "atomic_save_pretrained",
     "atomic_save_scope",
     "convert_prefix_tuning",
@@ -70,7 +98,9 @@ __all__ = [
     "naive_ntk_attention",
     "ntk_attention",
     "ntk_attention_forward",
+    "ntk_attention_reference",
     "ntk_combine",
+    "plan_ntk_attention",
     "prefix_attention_share",
     "prefix_state_from_keys_values",
     "push_adapter_to_hub",

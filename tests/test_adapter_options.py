@@ -11,7 +11,7 @@ from peft import PeftModel, get_peft_model
 
 import peft_ntk
 from peft_ntk import NTKAttentionConfig
-from peft_ntk.attention import query_before_rotary
+from peft_ntk.tuner.attention_hook import query_before_rotary
 
 
 def left_padded_batch():
@@ -33,7 +33,7 @@ def adapted(seed: int = 1, **kwargs):
 def attention_query(model, ids):
     """The (rotated) query the first attention layer is called with."""
     seen = []
-    with torch.no_grad(), peft_ntk.attention.capture_attention_inputs(lambda m, q, k, v, s: seen.append(q)):
+    with torch.no_grad(), peft_ntk.tuner.capture_attention_inputs(lambda m, q, k, v, s: seen.append(q)):
         model(input_ids=ids)
     return seen[0]
 
@@ -53,7 +53,7 @@ def test_unrotated_query_is_the_projection_before_rope():
 
     handle = base_attention.q_proj.register_forward_hook(keep_projection)
     ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), peft_ntk.attention.capture_attention_inputs(keep_unrotated):
+    with torch.no_grad(), peft_ntk.tuner.capture_attention_inputs(keep_unrotated):
         model(input_ids=ids)
     handle.remove()
     # Llama computes cos/sin in float32, so cos² + sin² = 1 holds to ~1e-7 only: that bounds the round trip
@@ -185,7 +185,7 @@ def test_adapter_dtype_follows_autocast_adapter_dtype(dtype, via):
 def test_peft_type_is_stored_plainly_and_the_old_value_still_loads(tmp_path):
     from peft import AutoPeftModelForCausalLM
 
-    from peft_ntk.registration import LEGACY_PEFT_TYPE_VALUES
+    from peft_ntk.tuner.peft_type import LEGACY_PEFT_TYPE_VALUES
 
     model = adapted().eval()
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"

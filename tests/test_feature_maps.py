@@ -14,14 +14,14 @@ from safetensors.torch import load_file
 
 import peft_ntk
 from peft_ntk import ops
-from peft_ntk.feature_maps import (
+from peft_ntk.ops.feature_maps import (
     PositiveRandomFeatures,
     draw_random_projection,
     elu_feature_map,
     feature_map_and_log_scale,
 )
-from peft_ntk.kernels import fused_ntk_attention
-from peft_ntk.ops import PrefixStateAccumulator, naive_ntk_attention, ntk_attention, prefix_state_from_keys_values
+from peft_ntk.ops import fused_ntk_attention
+from peft_ntk.ops import PrefixStateAccumulator, naive_ntk_attention, ntk_attention_reference, prefix_state_from_keys_values
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -109,10 +109,10 @@ def test_favor_attention_matches_float64_reference_even_for_large_queries():
     for scale in (0.5, 3.0, 12.0, 40.0):
         q, k, v, z, kvec = random_inputs(scale=scale)
         expected = log_domain_reference(q, k, v, z, kvec, phi)
-        assert torch.allclose(ntk_attention(q, k, v, z, kvec, is_causal=True, feature_map=phi), expected, rtol=1e-9)
+        assert torch.allclose(ntk_attention_reference(q, k, v, z, kvec, is_causal=True, feature_map=phi), expected, rtol=1e-9)
         # float32, where for scale >= 12 the plain exponential features underflow or overflow on their own
         phi32 = PositiveRandomFeatures(phi.projection.float())
-        got = ntk_attention(*(t.float() for t in (q, k, v, z, kvec)), is_causal=True, feature_map=phi32)
+        got = ntk_attention_reference(*(t.float() for t in (q, k, v, z, kvec)), is_causal=True, feature_map=phi32)
         assert torch.isfinite(got).all(), scale
         assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-4), scale
         if scale >= 12:
@@ -123,13 +123,13 @@ def test_favor_attention_matches_float64_reference_even_for_large_queries():
 def test_favor_attention_gradients_match_finite_differences():
     phi = PositiveRandomFeatures(draw_random_projection(6, 4, seed=0, dtype=torch.float64))
     inputs = [t.requires_grad_() for t in random_inputs(lq=3, lk=3, d=4, r=6, heads=2, kv_heads=1)]
-    assert torch.autograd.gradcheck(lambda *a: ntk_attention(*a, is_causal=True, feature_map=phi), inputs)
+    assert torch.autograd.gradcheck(lambda *a: ntk_attention_reference(*a, is_causal=True, feature_map=phi), inputs)
 
 
 def test_fused_path_matches_reference_for_favor():
     phi = PositiveRandomFeatures(draw_random_projection(12, 8, seed=0))
     q, k, v, z, kvec = random_inputs(dtype=torch.float32, scale=1.5)
-    expected = ntk_attention(q, k, v, z, kvec, is_causal=True, feature_map=phi)
+    expected = ntk_attention_reference(q, k, v, z, kvec, is_causal=True, feature_map=phi)
     got = fused_ntk_attention(q, k, v, z, kvec, is_causal=True, feature_map=phi)
     assert torch.allclose(got, expected, atol=1e-5)
 
@@ -260,7 +260,7 @@ def test_bad_feature_configs_are_refused(kwargs, message):
 def test_favor_name_without_projection_says_what_to_do():
     q, k, v, z, kvec = random_inputs()
     with pytest.raises(ValueError, match="needs its random projection"):
-        ntk_attention(q, k, v, z, kvec, feature_map="favor")
+        ntk_attention_reference(q, k, v, z, kvec, feature_map="favor")
 
 
 def test_bench_feature_maps_quick(tmp_path):

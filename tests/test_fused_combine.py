@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_ntk.feature_maps import PositiveRandomFeatures, draw_random_projection
-from peft_ntk.fused_combine import feature_map_has_trainable_state, fused_prefix_combine
-from peft_ntk.kernels import fused_ntk_attention
-from peft_ntk.ops import ntk_attention, ntk_prefix_combine
+from peft_ntk.ops import fused_ntk_attention
+from peft_ntk.ops.feature_maps import PositiveRandomFeatures, draw_random_projection, feature_map_has_trainable_state
+from peft_ntk.ops.torch_combine import fused_prefix_combine
+from peft_ntk.ops import ntk_attention_reference, ntk_prefix_combine
 
 B, H, L, D = 2, 3, 7, 8
 
@@ -141,7 +141,7 @@ def test_a_learned_feature_map_is_detected_and_takes_the_autograd_path():
         return torch.nn.functional.elu(x @ ref_weight) + 1
 
     (ref,) = torch.autograd.grad(
-        ntk_attention(q, kv, kv, z, kvec, is_causal=True, feature_map=ref_map).sum(), (ref_weight,)
+        ntk_attention_reference(q, kv, kv, z, kvec, is_causal=True, feature_map=ref_map).sum(), (ref_weight,)
     )
     torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-10)
 
@@ -195,7 +195,7 @@ TRITON_CASES = [("elu", 7, 8, 8), ("relu", 7, 8, 8), ("elu", 70, 40, 24), ("elu"
 def check_triton_kernels(feature_map: str, length: int, head_dim: int, value_dim: int) -> None:
     """fp32 inputs against the float64 reference: lengths that leave a partial block, head sizes padded to a power of
     two, dv != d, LSEs of +-60 and -inf, a head without prefix mass, and the (B, L, H, d) query layout of transformers."""
-    from peft_ntk.triton_combine import triton_prefix_combine
+    from peft_ntk.ops.triton_combine import triton_prefix_combine
 
     g = torch.Generator().manual_seed(length)
     attn_out = torch.randn(B, H, length, value_dim, generator=g)
@@ -226,8 +226,8 @@ def check_triton_kernels(feature_map: str, length: int, head_dim: int, value_dim
 
 def check_triton_ntk_attention(case: str) -> None:
     """The attention kernel and the Triton combine as one Function (CPU flash kernel, fp32) against the reference."""
-    from peft_ntk.kernels import CPU_FLASH
-    from peft_ntk.triton_combine import triton_ntk_attention
+    from peft_ntk.ops.kernels import CPU_FLASH
+    from peft_ntk.ops.triton_combine import triton_ntk_attention
 
     g = torch.Generator().manual_seed(0)
     q_len, k_len, kv_heads, is_causal = {"causal": (9, 9, 1, True), "no-mask": (6, 11, 3, False),
@@ -238,7 +238,7 @@ def check_triton_ntk_attention(case: str) -> None:
     inputs = [t.requires_grad_(True) for t in (query, key, value, z, k)]
     exact = [t.detach().double().requires_grad_(True) for t in inputs]
     out = triton_ntk_attention(*inputs, kernel=CPU_FLASH, is_causal=is_causal, scale=D**-0.5)
-    ref = ntk_attention(*exact, is_causal=is_causal)
+    ref = ntk_attention_reference(*exact, is_causal=is_causal)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     weights = torch.randn(out.shape, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad((out.double() * weights).sum(), inputs)
@@ -262,7 +262,7 @@ def test_triton_kernels_match_the_reference_in_the_interpreter():
         "import sys; sys.path.insert(0, 'tests'); import test_fused_combine as t\n"
         "for case in t.TRITON_CASES:\n    t.check_triton_kernels(*case); print('ok', case)\n"
         "for case in ('causal', 'no-mask', 'decode'):\n    t.check_triton_ntk_attention(case); print('ok', case)\n"
-        "from peft_ntk.triton_combine import triton_combine_unavailable_reason as reason\n"
+        "from peft_ntk.ops.triton_combine import triton_combine_unavailable_reason as reason\n"
         "q = t.torch.zeros(1, 2, 3, 8)\n"
         "assert reason(q, 8, 'elu') is None and reason(q, 8, 'relu') is None\n"
         "assert 'built-in' in reason(q, 8, t.FEATURE_MAPS['favor'])\n"
@@ -278,7 +278,7 @@ def test_triton_kernels_match_the_reference_in_the_interpreter():
 
 
 def test_tf32_products_only_for_half_precision_on_gpus_that_have_them():
-    from peft_ntk.triton_combine import _dot_precision
+    from peft_ntk.ops.triton_combine import _dot_precision
 
     assert _dot_precision(torch.zeros(1)) == "ieee"
     assert _dot_precision(torch.zeros(1, dtype=torch.bfloat16)) == "ieee"  # CPU (Triton's interpreter): no TF32

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 import pytest
 import torch
@@ -25,8 +26,14 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import PushToHubMixin
 
 import peft_ntk
-from peft_ntk import model_card
 from peft_ntk.hub import disable_hub_integration, enable_hub_integration, explain_hub_error, hub_integration_enabled
+from peft_ntk.hub import model_card
+
+# PEFT's own methods (import peft_ntk wraps the card hook; config loading stays PEFT's unless asked for)
+PEFT_CREATE_CARD = PeftModel.create_or_update_model_card.__wrapped__
+PEFT_CONFIG_FROM_PRETRAINED = PeftConfigMixin.__dict__["from_pretrained"].__func__
+PEFT_GET_TYPE = PeftConfigMixin.__dict__["_get_peft_type"].__func__
+assert all(f.__module__.startswith("peft.") for f in (PEFT_CREATE_CARD, PEFT_CONFIG_FROM_PRETRAINED, PEFT_GET_TYPE))
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -494,12 +501,45 @@ def test_hub_hooks_are_idempotent_and_reversible():
         disable_hub_integration()
         assert not hub_integration_enabled()
         assert PeftModel.push_to_hub is PushToHubMixin.push_to_hub
-        assert not hasattr(PeftModel.create_or_update_model_card, "_peft_ntk_model_card")
-        for name in ("from_pretrained", "_get_peft_type"):
-            assert not hasattr(PeftConfigMixin.__dict__[name].__func__, "_peft_ntk_hub")
+        assert PeftModel.create_or_update_model_card is PEFT_CREATE_CARD
+        enable_hub_integration(explain_load_errors=True)
+        assert PeftConfigMixin.__dict__["from_pretrained"].__func__.__wrapped__ is PEFT_CONFIG_FROM_PRETRAINED
+        disable_hub_integration()
+        for name, original in (("from_pretrained", PEFT_CONFIG_FROM_PRETRAINED), ("_get_peft_type", PEFT_GET_TYPE)):
+            assert PeftConfigMixin.__dict__[name].__func__ is original
     finally:
         enable_hub_integration()
     assert hub_integration_enabled()
+
+
+def test_import_leaves_other_adapter_types_alone():
+    """`import peft_ntk` (done above) wraps only what NTK adapters need, and the wrappers hand every other model to
+    PEFT's own method; PEFT's config loading (shared by every adapter type) is not touched unless asked for."""
+    for name, original in (("from_pretrained", PEFT_CONFIG_FROM_PRETRAINED), ("_get_peft_type", PEFT_GET_TYPE)):
+        assert PeftConfigMixin.__dict__[name].__func__ is original
+    calls = []
+    lora = get_peft_model(tiny_base(), LoraConfig(target_modules=["q_proj"]))
+    peft_ntk.disable_hub_integration()
+    try:  # installed over a stand-in for transformers' push, which the wrapper must hand LoRA models to
+        with mock.patch.object(PushToHubMixin, "push_to_hub", lambda self, *a, **kw: calls.append((a, kw))):
+            peft_ntk.enable_hub_integration()
+            lora.push_to_hub("alice/lora", private=True)
+            peft_ntk.disable_hub_integration()
+    finally:
+        peft_ntk.enable_hub_integration()
+    with tempfile.TemporaryDirectory() as folder:
+        lora.save_pretrained(folder)
+        ours = {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)}
+        peft_ntk.disable_atomic_save()
+        peft_ntk.disable_hub_integration()
+        try:
+            lora.save_pretrained(folder)
+            peft = {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)}
+        finally:
+            peft_ntk.enable_atomic_save()
+            peft_ntk.enable_hub_integration()
+    assert calls == [(("alice/lora",), {"private": True})]
+    assert ours == peft  # the same files, byte for byte
 
 
 def test_trainer_callback_records_the_settings_and_the_trainers_card_keeps_the_ntk_section(tmp_path):
@@ -562,4 +602,5 @@ def test_scorer_local_save_writes_and_updates_its_card(tmp_path):
 if __name__ == "__main__":
     _guard_network()
     torch.set_num_threads(1)
+    enable_hub_integration(explain_load_errors=True)  # the scenarios check the explained load errors
     print("RESULT " + json.dumps(globals()["child_" + sys.argv[1]]()))

@@ -8,8 +8,8 @@ from helpers import CASES, case_inputs, make_inputs, padding_mask, tiny_llama_nt
 from torch.profiler import ProfilerActivity, profile
 
 import peft_ntk
-from peft_ntk.kernels import fused_attention_with_lse, fused_ntk_attention
-from peft_ntk.ops import masked_scores, ntk_attention, softmax_attention_with_lse
+from peft_ntk.ops import fused_attention_with_lse, fused_ntk_attention
+from peft_ntk.ops import masked_scores, ntk_attention_reference, softmax_attention_with_lse
 
 TOLERANCES = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
@@ -19,7 +19,7 @@ TOLERANCES = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2}
 def test_fused_matches_reference_forward_and_gradients(case, dtype):
     inputs, kw = case_inputs(case)
     inputs = [t.to(dtype).requires_grad_(True) for t in inputs[:3]] + [t.requires_grad_(True) for t in inputs[3:]]
-    ref = ntk_attention(*inputs, **kw)
+    ref = ntk_attention_reference(*inputs, **kw)
     out = fused_ntk_attention(*inputs, **kw)
     assert out.dtype == dtype
     tol = TOLERANCES[dtype]
@@ -62,7 +62,7 @@ def test_fully_masked_rows_and_additive_bias_match_reference():
     mask[0, :, 2] = False
     bias = torch.randn(1, 4, 5, 7, dtype=torch.float64).masked_fill(~mask, float("-inf"))  # T5-style position bias
     for attention_mask in (mask, bias):
-        ref = ntk_attention(*inputs, attention_mask=attention_mask)
+        ref = ntk_attention_reference(*inputs, attention_mask=attention_mask)
         out = fused_ntk_attention(*inputs, attention_mask=attention_mask)
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
         grads = torch.autograd.grad(out.sum(), inputs)
@@ -79,7 +79,7 @@ def test_large_logits(scale):
     inputs = [t.requires_grad_(True) for t in (q, k, v, z, kvec)]
     scaling = abs(scale) * 8**-0.5
     out = fused_ntk_attention(*inputs, is_causal=True, scaling=scaling)
-    ref = ntk_attention(*inputs, is_causal=True, scaling=scaling)
+    ref = ntk_attention_reference(*inputs, is_causal=True, scaling=scaling)
     assert torch.isfinite(out).all()
     assert all(torch.isfinite(g).all() for g in torch.autograd.grad(out.sum(), inputs))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
@@ -107,7 +107,7 @@ def test_fused_path_does_not_materialise_scores():
     torch.set_num_threads(1)
     try:
         fused = _largest_allocation(step(fused_ntk_attention))
-        reference = _largest_allocation(step(ntk_attention))
+        reference = _largest_allocation(step(ntk_attention_reference))
     finally:
         torch.set_num_threads(threads)
     assert reference >= scores_bytes  # the measurement sees a materialised score tensor when there is one
@@ -138,15 +138,15 @@ def test_forced_fused_backend_refuses_what_it_cannot_do():
 
 
 def test_auto_backend_falls_back_for_attention_weights(monkeypatch):
-    calls = []
-    real = peft_ntk.attention.fused_ntk_attention
-    monkeypatch.setattr(peft_ntk.attention, "fused_ntk_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    paths = []
+    real = peft_ntk.ops.dispatch.AttentionPlan.run
+    monkeypatch.setattr(peft_ntk.ops.dispatch.AttentionPlan, "run", lambda plan: paths.append(plan.path) or real(plan))
     model = tiny_llama_ntk().eval()
     ids = torch.arange(6).view(1, 6)
     model(input_ids=ids)
-    assert len(calls) == 2  # both layers on the fused path
+    assert paths == ["fused+torch-combine"] * 2  # both layers on a fused path
     out = model(input_ids=ids, output_attentions=True)
-    assert len(calls) == 2 and out.attentions[0] is not None  # weights requested: reference path
+    assert paths[2:] == ["reference"] * 2 and out.attentions[0] is not None  # weights requested: reference path
     softmax_rows = softmax_attention_with_lse(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
     assert softmax_rows[0].shape == (1, 1, 1, 2)
 
@@ -209,13 +209,13 @@ def test_both_lse_gradient_forms_are_exact(case, dtype, lse_gradient):
 def test_auto_lse_gradient_falls_back_to_the_channel_for_rows_without_output_gradient(monkeypatch):
     """Rows whose output is unused but whose LSE is: "out" cannot shift D there; "auto" must use the extra channel."""
     widths = []
-    real_backward = peft_ntk.kernels.CPU_FLASH.backward
+    real_backward = peft_ntk.ops.kernels.CPU_FLASH.backward
 
     def spy(grad_out, q, *args):
         widths.append(q.shape[-1])
         return real_backward(grad_out, q, *args)
 
-    kernel = peft_ntk.kernels.FusedKernel("cpu-spy", peft_ntk.kernels.CPU_FLASH.forward, spy)
+    kernel = peft_ntk.ops.kernels.FusedKernel("cpu-spy", peft_ntk.ops.kernels.CPU_FLASH.forward, spy)
     q, k, v, _, _ = make_inputs(requires_grad=True)
     ref_inputs = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     out, lse = fused_attention_with_lse(q, k, v, is_causal=True, kernel=kernel)
@@ -239,7 +239,7 @@ def test_auto_lse_gradient_falls_back_to_the_channel_for_rows_without_output_gra
 
 def _emulated_cuda_kernel(name, *, supports_bias):
     """The CPU kernel behind the contract of torch's CUDA kernels, with checks that fail loudly where ours breaks it."""
-    cpu = peft_ntk.kernels.CPU_FLASH
+    cpu = peft_ntk.ops.kernels.CPU_FLASH
 
     def forward(q, k, v, bias, is_causal, scale):
         assert q.shape[-1] % 8 == 0 and q.shape[-1] == k.shape[-1] == v.shape[-1], (
@@ -272,13 +272,13 @@ def _emulated_cuda_kernel(name, *, supports_bias):
         lse = raw[..., : q.shape[2]]
         return cpu.backward(grad_out, q, k, v, bias, out, (lse,), is_causal, scale)
 
-    return peft_ntk.kernels.FusedKernel(
+    return peft_ntk.ops.kernels.FusedKernel(
         name,
         forward,
         backward,
         head_dim_multiple=8,
         supports_bias=supports_bias,
-        prepare_bias=peft_ntk.kernels._aligned_bias if supports_bias else None,
+        prepare_bias=peft_ntk.ops.kernels._aligned_bias if supports_bias else None,
     )
 
 
@@ -322,7 +322,7 @@ def test_emulated_efficient_fully_masked_rows_and_bias():
 
 
 def test_aligned_bias_keeps_broadcast_dims_and_aligns_rows():
-    from peft_ntk.kernels import _aligned_bias
+    from peft_ntk.ops.kernels import _aligned_bias
 
     bias = torch.randn(1, 1, 5, 7)
     aligned = _aligned_bias(bias, (2, 4, 5, 7))
@@ -337,9 +337,9 @@ def test_fused_path_refuses_a_bias_that_needs_gradients():
     bias = torch.zeros(1, 4, 5, 7, dtype=torch.float64, requires_grad=True)
     with pytest.raises(ValueError, match="requires grad.*attention_backend='reference'"):
         fused_attention_with_lse(q, k, v, attention_mask=bias)
-    assert "requires grad" in peft_ntk.kernels.fused_path_unavailable_reason(q, 0.0, False, attention_mask=bias)
+    assert "requires grad" in peft_ntk.ops.dispatch.fused_path_unavailable_reason(q, 0.0, False, attention_mask=bias)
     with torch.no_grad():
-        assert peft_ntk.kernels.fused_path_unavailable_reason(q, 0.0, False, attention_mask=bias) is None
+        assert peft_ntk.ops.dispatch.fused_path_unavailable_reason(q, 0.0, False, attention_mask=bias) is None
 
 
 # ------------------------------------------------------------------- CUDA adapters: schemas and shapes on meta tensors
@@ -357,7 +357,7 @@ def test_fused_path_refuses_a_bias_that_needs_gradients():
 )
 def test_cuda_adapters_call_the_ops_with_their_schemas_on_meta(kernel_name, dtype, lq, masked, lse_gradient):
     """The adapters' calls bind to the installed ops' schemas, and the ops' meta kernels accept the shapes we pass."""
-    kernel = getattr(peft_ntk.kernels, kernel_name)
+    kernel = getattr(peft_ntk.ops.kernels, kernel_name)
     q = torch.empty(2, 8, lq, 60, device="meta", dtype=dtype, requires_grad=True)
     k, v = (torch.empty(2, 2, 50, 60, device="meta", dtype=dtype, requires_grad=True) for _ in range(2))
     mask = torch.ones(2, 1, lq, 50, dtype=torch.bool, device="meta") if masked else None
@@ -406,22 +406,22 @@ def test_auto_keeps_the_reference_on_cuda_until_validated(monkeypatch):
     from transformers.utils import logging as hf_logging
 
     messages = []
-    monkeypatch.setattr(peft_ntk.kernels.logger, "info_once", lambda msg: messages.append(msg))
+    monkeypatch.setattr(peft_ntk.ops.dispatch.logger, "info_once", lambda msg: messages.append(msg))
     query = _FakeCudaQuery(torch.bfloat16)
-    assert peft_ntk.kernels.CUDA_FUSED_PATH_VALIDATED is True  # validated on an H200 (benchmarks/run_gpu.sh tests)
-    monkeypatch.setattr(peft_ntk.kernels, "CUDA_FUSED_PATH_VALIDATED", False)  # a fork that changed the adapters
-    assert peft_ntk.kernels.auto_uses_fused_path(query) is False
+    assert peft_ntk.ops.dispatch.CUDA_FUSED_PATH_VALIDATED is True  # validated on an H200 (benchmarks/run_gpu.sh tests)
+    monkeypatch.setattr(peft_ntk.ops.dispatch, "CUDA_FUSED_PATH_VALIDATED", False)  # a fork that changed the adapters
+    assert peft_ntk.ops.dispatch.auto_uses_fused_path(query) is False
     assert "attention_backend='fused'" in messages[0] and "run_gpu.sh" in messages[0]
-    monkeypatch.setattr(peft_ntk.kernels, "CUDA_FUSED_PATH_VALIDATED", True)
-    assert peft_ntk.kernels.auto_uses_fused_path(query) is True
-    assert peft_ntk.kernels.auto_uses_fused_path(torch.zeros(1)) is True  # CPU: always
+    monkeypatch.setattr(peft_ntk.ops.dispatch, "CUDA_FUSED_PATH_VALIDATED", True)
+    assert peft_ntk.ops.dispatch.auto_uses_fused_path(query) is True
+    assert peft_ntk.ops.dispatch.auto_uses_fused_path(torch.zeros(1)) is True  # CPU: always
     assert hf_logging  # the module logs through transformers' logging
 
 
 def test_cuda_float64_has_a_named_reason():
-    reason = peft_ntk.kernels.fused_path_unavailable_reason(_FakeCudaQuery(torch.float64), 0.0, False)
+    reason = peft_ntk.ops.dispatch.fused_path_unavailable_reason(_FakeCudaQuery(torch.float64), 0.0, False)
     assert "float16, bfloat16 or float32" in reason
-    reason = peft_ntk.kernels.fused_path_unavailable_reason(torch.zeros(1, device="meta"), 0.0, False)
+    reason = peft_ntk.ops.dispatch.fused_path_unavailable_reason(torch.zeros(1, device="meta"), 0.0, False)
     assert "no fused kernel" in reason and "meta" in reason
 
 
@@ -439,18 +439,18 @@ def test_cuda_kernel_follows_torchs_choice_including_grouped_heads(monkeypatch):
     monkeypatch.setattr(torch, "_fused_sdp_choice", fake_choice)
     monkeypatch.setattr(cuda_backends, "can_use_efficient_attention", lambda params: True)
     monkeypatch.setattr(cuda_backends, "can_use_cudnn_attention", lambda params: params.query.shape[-1] <= 128)
-    select = peft_ntk.kernels._cuda_kernel_cached.__wrapped__  # uncached; probes go to the CPU here
+    select = peft_ntk.ops.kernels._cuda_kernel_cached.__wrapped__  # uncached; probes go to the CPU here
     cpu, bf16, flags = torch.device("cpu"), torch.bfloat16, (True, True, True, True)
     answer = 3
-    assert select(cpu, bf16, 64, False, False, False, True, flags) is peft_ntk.kernels.CUDA_CUDNN
+    assert select(cpu, bf16, 64, False, False, False, True, flags) is peft_ntk.ops.kernels.CUDA_CUDNN
     assert calls[-1] == ((1, 2, 128, 64), (1, 1, 128, 64), False, True)
-    assert select(cpu, bf16, 64, False, True, False, False, flags) is peft_ntk.kernels.CUDA_CUDNN
+    assert select(cpu, bf16, 64, False, True, False, False, flags) is peft_ntk.ops.kernels.CUDA_CUDNN
     assert calls[-1] == ((1, 1, 1, 64), (1, 1, 128, 64), False, False)  # decode: one query
-    assert select(cpu, bf16, 128, False, False, True, False, flags) is peft_ntk.kernels.CUDA_EFFICIENT  # no room
+    assert select(cpu, bf16, 128, False, False, True, False, flags) is peft_ntk.ops.kernels.CUDA_EFFICIENT  # no room
     answer = 1
-    assert select(cpu, bf16, 64, False, False, True, False, flags) is peft_ntk.kernels.CUDA_FLASH
-    assert select(cpu, bf16, 256, False, False, True, False, flags) is peft_ntk.kernels.CUDA_EFFICIENT
-    assert select(cpu, bf16, 64, True, False, True, False, flags) is peft_ntk.kernels.CUDA_EFFICIENT  # a mask
+    assert select(cpu, bf16, 64, False, False, True, False, flags) is peft_ntk.ops.kernels.CUDA_FLASH
+    assert select(cpu, bf16, 256, False, False, True, False, flags) is peft_ntk.ops.kernels.CUDA_EFFICIENT
+    assert select(cpu, bf16, 64, True, False, True, False, flags) is peft_ntk.ops.kernels.CUDA_EFFICIENT  # a mask
     answer = 0  # torch's math path
-    assert select(cpu, bf16, 64, False, False, True, True, flags) is peft_ntk.kernels.CUDA_EFFICIENT
+    assert select(cpu, bf16, 64, False, False, True, True, flags) is peft_ntk.ops.kernels.CUDA_EFFICIENT
     assert select(cpu, torch.float64, 64, False, False, True, False, flags) is None

@@ -1,7 +1,7 @@
 """The fused CUDA path (torch's flash and memory-efficient kernels) against float64 references. Needs a CUDA GPU.
 
 Run on a GPU with ``bash benchmarks/run_gpu.sh`` (or ``pytest -m gpu tests/test_kernels_cuda.py``). Every test here is
-marked ``gpu`` and skips cleanly without CUDA. Once they pass on a GPU, ``peft_ntk.kernels.CUDA_FUSED_PATH_VALIDATED``
+marked ``gpu`` and skips cleanly without CUDA. Once they pass on a GPU, ``peft_ntk.ops.dispatch.CUDA_FUSED_PATH_VALIDATED``
 may be set to True so that ``attention_backend="auto"`` uses the fused path on CUDA too.
 """
 
@@ -13,10 +13,10 @@ from helpers import CASES, case_inputs, make_inputs, tiny_llama_ntk
 from transformers.utils import logging as hf_logging
 
 import peft_ntk
-import peft_ntk.attention
-from peft_ntk import kernels
-from peft_ntk.kernels import fused_attention_with_lse, fused_ntk_attention
-from peft_ntk.ops import ntk_attention, softmax_attention_with_lse
+import peft_ntk.ops.dispatch
+from peft_ntk.ops import dispatch, fused_attention, kernels
+from peft_ntk.ops import fused_attention_with_lse, fused_ntk_attention
+from peft_ntk.ops import ntk_attention_reference, softmax_attention_with_lse
 
 pytestmark = [
     pytest.mark.gpu,
@@ -47,7 +47,8 @@ def kernels_used(monkeypatch):
         names.append(kernel.name)
         return kernel
 
-    monkeypatch.setattr(kernels, "select_kernel", spy)
+    for module in (fused_attention, dispatch):  # the two callers
+        monkeypatch.setattr(module, "select_kernel", spy)
     return names
 
 
@@ -211,7 +212,7 @@ def test_fused_ntk_attention_matches_reference(case, dtype):
     kw = {**kw, "attention_mask": kw["attention_mask"].to(CUDA) if kw["attention_mask"] is not None else None}
     ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
     out = fused_ntk_attention(*inputs, **kw)
-    ref = ntk_attention(*ref_inputs, **kw)
+    ref = ntk_attention_reference(*ref_inputs, **kw)
     _assert_close_scaled(out, ref, TOLERANCES[dtype], "out")
     weights = _weights_like(ref, 3)
     grads = torch.autograd.grad((out.double() * weights).sum(), inputs)
@@ -263,18 +264,13 @@ def _tiny_llama(backend: str, dtype: torch.dtype):
 @pytest.fixture
 def attention_calls(monkeypatch):
     calls = {"fused": 0, "reference": 0}
-    real_fused, real_reference = peft_ntk.attention.fused_ntk_attention, peft_ntk.attention.ntk_attention
+    real_run = peft_ntk.ops.dispatch.AttentionPlan.run
 
-    def fused(*a, **kw):
-        calls["fused"] += 1
-        return real_fused(*a, **kw)
+    def run(plan):
+        calls["reference" if plan.path == "reference" else "fused"] += 1
+        return real_run(plan)
 
-    def reference(*a, **kw):
-        calls["reference"] += 1
-        return real_reference(*a, **kw)
-
-    monkeypatch.setattr(peft_ntk.attention, "fused_ntk_attention", fused)
-    monkeypatch.setattr(peft_ntk.attention, "ntk_attention", reference)
+    monkeypatch.setattr(peft_ntk.ops.dispatch.AttentionPlan, "run", run)
     return calls
 
 
@@ -313,12 +309,12 @@ def test_llama_training_step_and_generate_with_cache(dtype, attention_calls):
 
 def test_auto_backend_uses_the_reference_on_cuda_until_validated(attention_calls, monkeypatch):
     messages = []
-    monkeypatch.setattr(kernels.logger, "info_once", lambda msg: messages.append(msg))
+    monkeypatch.setattr(dispatch.logger, "info_once", lambda msg: messages.append(msg))
     model = _tiny_llama("auto", torch.float32).eval()
     ids = torch.arange(1, 7, device=CUDA).view(1, 6)
     with torch.no_grad():
         model(input_ids=ids)
-    if kernels.CUDA_FUSED_PATH_VALIDATED:
+    if dispatch.CUDA_FUSED_PATH_VALIDATED:
         assert attention_calls == {"fused": 2, "reference": 0}
     else:
         assert attention_calls == {"fused": 0, "reference": 2} and "attention_backend='fused'" in messages[0]
@@ -329,7 +325,7 @@ def test_float64_on_cuda_is_refused_when_forced():
     q, k, v, z, kvec = (t.to(CUDA) for t in make_inputs())
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
         fused_attention_with_lse(q, k, v)
-    assert "float16" in kernels.fused_path_unavailable_reason(q, 0.0, False)
+    assert "float16" in dispatch.fused_path_unavailable_reason(q, 0.0, False)
 
 
 # ------------------------------------------------------------------------------------------- the Triton prefix combine
@@ -345,7 +341,7 @@ def test_triton_combine_matches_float64(shape, dtype):
     """Half/single-precision attention output and queries with fp32 Z, k; 3000 rows x 32 heads make the backward's
     programs loop over several row blocks (partial sums of dZ, dk). The backward is deterministic."""
     from peft_ntk.ops import ntk_prefix_combine
-    from peft_ntk.triton_combine import triton_prefix_combine
+    from peft_ntk.ops.triton_combine import triton_prefix_combine
 
     batch, heads, length, head_dim, value_dim = shape
     g = torch.Generator().manual_seed(0)

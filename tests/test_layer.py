@@ -10,7 +10,7 @@ from helpers import tiny_model
 from peft import get_peft_model
 
 import peft_ntk
-from peft_ntk.layer import NTKAttentionLayer, nonnegative
+from peft_ntk.tuner.layer import NTKAttentionLayer, nonnegative
 
 
 def ntk_layers(model):

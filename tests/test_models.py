@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import peft_ntk
-import peft_ntk.attention
+import peft_ntk.ops.dispatch
 from peft_ntk import NTKAttentionConfig, NTKAttentionLayer
 
 PARAMS_PER_LAYER = HEADS * (HEAD_DIM**2 + HEAD_DIM)  # Z (H×d×d) + k (H×d)
@@ -214,9 +214,9 @@ def test_eager_implementation_routes_through_ntk_eager():
 # ----------------------------------------------------------------------------- 2. the hook against the reference op
 
 
-@pytest.mark.parametrize("backend, op_name", [("reference", "ntk_attention"), ("fused", "fused_ntk_attention")])
+@pytest.mark.parametrize("backend, path", [("reference", "reference"), ("fused", "fused+torch-combine")])
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "left_padded"])
-def test_hook_matches_reference_op(monkeypatch, padded, backend, op_name):
+def test_hook_matches_reference_op(monkeypatch, padded, backend, path):
     _, model, _ = adapt("llama", attention_backend=backend)
     if padded:
         _, ids, mask = left_padded()
@@ -227,13 +227,14 @@ def test_hook_matches_reference_op(monkeypatch, padded, backend, op_name):
         inputs = {"input_ids": ids}
 
     calls = []
-    real_op = getattr(peft_ntk.attention, op_name)
+    real_run = peft_ntk.ops.dispatch.AttentionPlan.run
 
-    def spy(query, key, value, z, k, **kwargs):
-        calls.append((query.detach().clone(), key.detach().clone(), value.detach().clone()))
-        return real_op(query, key, value, z, k, **kwargs)
+    def spy(plan):
+        assert plan.path == path
+        calls.append((plan.query.detach().clone(), plan.key.detach().clone(), plan.value.detach().clone()))
+        return real_run(plan)
 
-    monkeypatch.setattr(peft_ntk.attention, op_name, spy)
+    monkeypatch.setattr(peft_ntk.ops.dispatch.AttentionPlan, "run", spy)
     layer = ntk_layers(model)["model.layers.1.self_attn"]
     captured = []
     hook = layer.base_layer.o_proj.register_forward_pre_hook(lambda _, args: captured.append(args[0].detach()))
@@ -251,7 +252,7 @@ def test_hook_matches_reference_op(monkeypatch, padded, backend, op_name):
     z = layer.ntk_z["default"].detach()
     k = layer.ntk_k["default"].detach().abs()
     allowed = torch.ones(length, length).tril().bool()[None, None] & mask.bool()[:, None, None, :]
-    expected = peft_ntk.ntk_attention(query, key, value, z, k, attention_mask=allowed, scaling=HEAD_DIM**-0.5)
+    expected = peft_ntk.ntk_attention_reference(query, key, value, z, k, attention_mask=allowed, scaling=HEAD_DIM**-0.5)
     literal = peft_ntk.naive_ntk_attention(query, key, value, z, k, attention_mask=allowed)
     to_o_proj = expected.transpose(1, 2).reshape(batch, length, HEADS * HEAD_DIM)
     literal = literal.transpose(1, 2).reshape(batch, length, HEADS * HEAD_DIM)
@@ -259,7 +260,7 @@ def test_hook_matches_reference_op(monkeypatch, padded, backend, op_name):
     torch.testing.assert_close(captured[0][real], to_o_proj[real], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(captured[0][real], literal[real], atol=1e-5, rtol=1e-4)
     # And the prefix really contributes: plain attention on the same tensors is different.
-    plain = peft_ntk.ntk_attention(query, key, value, None, None, attention_mask=allowed)
+    plain = peft_ntk.ntk_attention_reference(query, key, value, None, None, attention_mask=allowed)
     assert changed(captured[0][real], plain.transpose(1, 2).reshape(batch, length, -1)[real])
 
 

@@ -1,7 +1,7 @@
 """Numerics matrix: dtype × logit scale × mask kind × shape × path, against float64 on the same rounded inputs.
 
 Every case checks that the output and the gradients of q, k, v, Z and the k-vector are finite, and that the output and
-the gradients agree with :func:`peft_ntk.ops.ntk_attention` run in float64 on float64 copies of the *rounded* inputs
+the gradients agree with :func:`peft_ntk.ops.ntk_attention_reference` run in float64 on float64 copies of the *rounded* inputs
 (and of the rounded output gradient). Comparing with the rounded inputs matters at large logit scales: rounding q to
 bf16 moves a logit of size ``s`` by about ``s · 2^-8``, which at ``s ~ 1e4`` is tens of units, i.e. a completely
 different softmax; against the float64 result on the same rounded inputs only the computation's own error is left.
@@ -16,8 +16,8 @@ import pytest
 import torch
 from helpers import make_inputs, padding_mask
 
-from peft_ntk.kernels import fused_ntk_attention
-from peft_ntk.ops import masked_scores, ntk_attention
+from peft_ntk.ops import fused_ntk_attention
+from peft_ntk.ops import masked_scores, ntk_attention_reference
 
 F64 = torch.float64
 D = 8
@@ -52,7 +52,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SCALES = [1.0, 1e2, 1e4]
 MASKS = ["none", "causal", "padding", "fully-masked-row"]
 SHAPES = {"square": (7, 7), "cache": (3, 9)}  # (Lq, Lk): Lq == Lk, and Lq < Lk as with a KV cache (end-aligned)
-PATHS = {"reference": ntk_attention, "fused": fused_ntk_attention}
+PATHS = {"reference": ntk_attention_reference, "fused": fused_ntk_attention}
 B, H, HKV = 2, 4, 2
 
 
@@ -110,7 +110,7 @@ def test_numerics_matrix(dtype_name, scale, mask_kind, shape, path):
     (*low, grad_low), (*ref_in, grad_ref) = rounded_inputs(dtype, lq, lk, seed)
 
     out, grads = run(PATHS[path], low, grad_low, **kw)
-    ref, ref_grads = run(ntk_attention, ref_in, grad_ref, **kw)
+    ref, ref_grads = run(ntk_attention_reference, ref_in, grad_ref, **kw)
 
     assert out.dtype == dtype
     assert torch.isfinite(out).all(), "non-finite output"

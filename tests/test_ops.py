@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import CASES, F64, case_inputs, make_inputs, padding_mask
 
 import peft_ntk
-from peft_ntk.ops import causal_mask, elu_feature_map, naive_ntk_attention, ntk_attention, prefix_state_from_keys_values
+from peft_ntk.ops import causal_mask, elu_feature_map, naive_ntk_attention, ntk_attention_reference, prefix_state_from_keys_values
 
 
 def logspace_reference(q, k, v, z, kvec, mask=None, is_causal=False, scaling=None):
@@ -38,7 +38,7 @@ def logspace_reference(q, k, v, z, kvec, mask=None, is_causal=False, scaling=Non
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_forward_matches_float64_references(case):
     (q, k, v, z, kvec), kw = case_inputs(case)
-    out = ntk_attention(q, k, v, z, kvec, **kw)
+    out = ntk_attention_reference(q, k, v, z, kvec, **kw)
     ref = logspace_reference(q, k, v, z, kvec, mask=kw["attention_mask"], is_causal=kw["is_causal"])
     naive = naive_ntk_attention(q, k, v, z, kvec, **kw)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
@@ -49,7 +49,7 @@ def test_forward_matches_float64_references(case):
 def test_gradients_match_naive_formula(case):
     inputs, kw = case_inputs(case, requires_grad=True)
     grad_out = torch.randn(inputs[0].shape[:3] + (inputs[2].shape[-1],), dtype=F64)
-    ours = torch.autograd.grad((ntk_attention(*inputs, **kw) * grad_out).sum(), inputs)
+    ours = torch.autograd.grad((ntk_attention_reference(*inputs, **kw) * grad_out).sum(), inputs)
     theirs = torch.autograd.grad((naive_ntk_attention(*inputs, **kw) * grad_out).sum(), inputs)
     for name, a, b in zip("q k v z kvec".split(), ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=f"gradient of {name}")
@@ -66,7 +66,7 @@ def test_gradcheck(case):
     mask = padding_mask(1, inputs[0].shape[2], inputs[1].shape[2], [3]) if mask_kind else None
 
     def fn(*args):
-        return ntk_attention(*args, attention_mask=mask, is_causal=is_causal)
+        return ntk_attention_reference(*args, attention_mask=mask, is_causal=is_causal)
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
 
@@ -75,12 +75,12 @@ def test_zero_prefix_is_plain_attention():
     q, k, v, _, _ = make_inputs(lq=6, lk=6)
     z, kvec = torch.zeros(4, 8, 8, dtype=F64), torch.zeros(4, 8, dtype=F64)
     mask = padding_mask(2, 6, 6, [6, 4]) & causal_mask(6, 6, q.device)
-    out = ntk_attention(q, k, v, z, kvec, attention_mask=mask)
+    out = ntk_attention_reference(q, k, v, z, kvec, attention_mask=mask)
     ref = F.scaled_dot_product_attention(
         q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), attn_mask=mask
     )
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-13)
-    plain = ntk_attention(q, k, v, None, None, attention_mask=mask)
+    plain = ntk_attention_reference(q, k, v, None, None, attention_mask=mask)
     torch.testing.assert_close(plain, ref, rtol=0, atol=1e-13)
 
 
@@ -91,7 +91,7 @@ def test_equivalence_with_explicit_phi_kernel_prefix():
     g = torch.Generator().manual_seed(1)
     pk, pv = torch.randn(h, m, d, generator=g, dtype=F64), torch.randn(h, m, d, generator=g, dtype=F64)
     z, kvec = prefix_state_from_keys_values(pk, pv)
-    out = ntk_attention(q, k, v, z, kvec, is_causal=True)
+    out = ntk_attention_reference(q, k, v, z, kvec, is_causal=True)
 
     # explicit prefix: unnormalised weights e^{s_ij} on real keys, phi(q_i)·phi(k_p) on prefix keys
     s = (q @ k.transpose(-1, -2)) * d**-0.5
@@ -114,7 +114,7 @@ def test_large_logits_stay_finite_and_match(scale, dtype):
     q, k, v, z, kvec = (t.clone().requires_grad_(True) for t in (q, k, v, z, kvec))
     scaling = abs(scale) * q.shape[-1] ** -0.5
     mask = padding_mask(2, 5, 7, [7, 2])
-    out = ntk_attention(q, k, v, z, kvec, attention_mask=mask, scaling=scaling)
+    out = ntk_attention_reference(q, k, v, z, kvec, attention_mask=mask, scaling=scaling)
     assert torch.isfinite(out).all()
     grads = torch.autograd.grad(out.sum(), (q, k, v, z, kvec))
     assert all(torch.isfinite(g_).all() for g_ in grads)
@@ -129,7 +129,7 @@ def test_fully_masked_rows_attend_to_the_prefix_only():
     q, k, v, z, kvec = make_inputs(requires_grad=True)
     mask = torch.ones(2, 1, 5, 7, dtype=torch.bool)
     mask[0, :, 2] = False  # one query row sees no key at all
-    out = ntk_attention(q, k, v, z, kvec, attention_mask=mask)
+    out = ntk_attention_reference(q, k, v, z, kvec, attention_mask=mask)
     phi = elu_feature_map(q[0, :, 2])
     expected = torch.einsum("hd,hde->he", phi, z) / torch.einsum("hd,hd->h", phi, kvec)[:, None]
     torch.testing.assert_close(out[0, :, 2], expected, rtol=1e-12, atol=1e-12)
@@ -142,7 +142,7 @@ def test_fully_masked_row_without_prefix_mass_is_zero_not_nan():
     z = torch.zeros(4, 8, 8, dtype=F64, requires_grad=True)
     kvec = torch.zeros(4, 8, dtype=F64, requires_grad=True)
     mask = torch.zeros(2, 1, 5, 7, dtype=torch.bool)
-    out = ntk_attention(q, k, v, z, kvec, attention_mask=mask)
+    out = ntk_attention_reference(q, k, v, z, kvec, attention_mask=mask)
     assert torch.equal(out, torch.zeros_like(out))
     grads = torch.autograd.grad(out.sum(), (q, k, v, z, kvec))
     assert all(torch.isfinite(g_).all() for g_ in grads)
@@ -151,8 +151,8 @@ def test_fully_masked_row_without_prefix_mass_is_zero_not_nan():
 def test_relu_feature_map_with_zero_features_gives_plain_attention():
     q, k, v, z, kvec = make_inputs()
     q = -q.abs()  # relu(q) = 0 everywhere: no prefix mass for any query
-    out = ntk_attention(q, k, v, z, kvec, feature_map="relu")
-    plain = ntk_attention(q, k, v, None, None)
+    out = ntk_attention_reference(q, k, v, z, kvec, feature_map="relu")
+    plain = ntk_attention_reference(q, k, v, None, None)
     torch.testing.assert_close(out, plain, rtol=0, atol=1e-14)
 
 
@@ -161,8 +161,8 @@ def test_additive_and_boolean_masks_agree():
     mask = padding_mask(2, 5, 7, [7, 4])
     additive = torch.zeros(mask.shape, dtype=F64).masked_fill(~mask, torch.finfo(F64).min)
     torch.testing.assert_close(
-        ntk_attention(q, k, v, z, kvec, attention_mask=mask),
-        ntk_attention(q, k, v, z, kvec, attention_mask=additive),
+        ntk_attention_reference(q, k, v, z, kvec, attention_mask=mask),
+        ntk_attention_reference(q, k, v, z, kvec, attention_mask=additive),
         rtol=1e-12,
         atol=1e-12,
     )
@@ -171,19 +171,19 @@ def test_additive_and_boolean_masks_agree():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs_are_computed_in_float32(dtype):
     q, k, v, z, kvec = make_inputs(dtype=torch.float32, scale=10.0)
-    out = ntk_attention(q.to(dtype), k.to(dtype), v.to(dtype), z, kvec, is_causal=True)
+    out = ntk_attention_reference(q.to(dtype), k.to(dtype), v.to(dtype), z, kvec, is_causal=True)
     assert out.dtype == dtype
-    ref = ntk_attention(q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float(), z, kvec, is_causal=True)
+    ref = ntk_attention_reference(q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float(), z, kvec, is_causal=True)
     # Only the final cast rounds: the error is one ulp of the output dtype, not an accumulation.
     torch.testing.assert_close(out.float(), ref, rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps)
 
 
 def test_weights_sum_to_the_mass_on_real_keys():
     q, k, v, z, kvec = make_inputs()
-    out, weights = ntk_attention(q, k, v, z, kvec, is_causal=True, return_weights=True)
+    out, weights = ntk_attention_reference(q, k, v, z, kvec, is_causal=True, return_weights=True)
     rows = weights.sum(-1)
     assert (rows < 1).all() and (rows > 0).all()
-    _, plain_weights = ntk_attention(q, k, v, None, None, is_causal=True, return_weights=True)
+    _, plain_weights = ntk_attention_reference(q, k, v, None, None, is_causal=True, return_weights=True)
     torch.testing.assert_close(plain_weights.sum(-1), torch.ones_like(rows))
     assert (weights.triu(diagonal=k.shape[2] - q.shape[2] + 1) == 0).all()
 
@@ -191,15 +191,15 @@ def test_weights_sum_to_the_mass_on_real_keys():
 def test_attention_dropout_only_touches_real_keys():
     q, k, v, z, kvec = make_inputs()
     torch.manual_seed(0)
-    a = ntk_attention(q, k, v, z, kvec, dropout=0.5)
+    a = ntk_attention_reference(q, k, v, z, kvec, dropout=0.5)
     torch.manual_seed(0)
-    b = ntk_attention(q, k, v, z, kvec, dropout=0.5)
+    b = ntk_attention_reference(q, k, v, z, kvec, dropout=0.5)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert not torch.allclose(a, ntk_attention(q, k, v, z, kvec))
+    assert not torch.allclose(a, ntk_attention_reference(q, k, v, z, kvec))
     # with all of V zero the dropped real-key term vanishes, so dropout cannot change anything
     zero_v = torch.zeros_like(v)
     torch.testing.assert_close(
-        ntk_attention(q, k, zero_v, z, kvec, dropout=0.5), ntk_attention(q, k, zero_v, z, kvec), rtol=0, atol=1e-14
+        ntk_attention_reference(q, k, zero_v, z, kvec, dropout=0.5), ntk_attention_reference(q, k, zero_v, z, kvec), rtol=0, atol=1e-14
     )
 
 
@@ -219,13 +219,13 @@ def test_bad_inputs_raise_clear_errors(bad, message):
     args = dict(q=q, z=z, kvec=kvec, mask=None)
     args.update(bad)
     with pytest.raises(ValueError, match=message):
-        ntk_attention(args["q"], k, v, args["z"], args["kvec"], attention_mask=args["mask"])
+        ntk_attention_reference(args["q"], k, v, args["z"], args["kvec"], attention_mask=args["mask"])
 
 
 def test_unknown_feature_map_names_the_registry():
     q, k, v, z, kvec = make_inputs(b=1)
     with pytest.raises(ValueError, match="register_feature_map"):
-        ntk_attention(q, k, v, z, kvec, feature_map="nope")
+        ntk_attention_reference(q, k, v, z, kvec, feature_map="nope")
     with pytest.raises(ValueError, match="register_feature_map"):
         peft_ntk.NTKAttentionConfig(feature_map="nope")
 
@@ -237,7 +237,7 @@ def test_registered_feature_map_is_usable_and_guarded():
     peft_ntk.register_feature_map("test_squared", squared)
     try:
         q, k, v, z, kvec = make_inputs(b=1)
-        out = ntk_attention(q, k, v, z, kvec, feature_map="test_squared")
+        out = ntk_attention_reference(q, k, v, z, kvec, feature_map="test_squared")
         assert torch.isfinite(out).all()
         assert peft_ntk.NTKAttentionConfig(feature_map="test_squared").feature_map == "test_squared"
         with pytest.raises(ValueError, match="already registered"):

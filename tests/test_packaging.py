@@ -65,7 +65,7 @@ def test_transformers_verbosity_controls_every_logger_of_both_packages():
 
     loggers = []
     for package in (peft_ntk, rankgen_logits):
-        for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
             module = importlib.import_module(info.name)
             if isinstance(getattr(module, "logger", None), logging.Logger):
                 loggers.append(module.logger)

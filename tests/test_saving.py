@@ -15,7 +15,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import peft_ntk
-from peft_ntk import saving
+from peft_ntk.hub import saving
 
 IDS = torch.arange(1, 9).view(1, 8)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -32,7 +31,8 @@ from peft import PeftModel
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .registration import NTK_PEFT_TYPE
+from .._patching import MethodPatch
+from ..tuner.peft_type import NTK_PEFT_TYPE
 
 logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: its verbosity is ours
 
@@ -51,7 +51,6 @@ _SECTION = re.compile(r"<!-- peft-ntk:begin[^\n]*-->.*?<!-- peft-ntk:end -->\n?"
 TAGS = ("peft", "ntk-attention")
 PAPER_URL = "https://arxiv.org/abs/2406.14036"
 PACKAGE = "peft-ntk-rankgen"
-_MARKER = "_peft_ntk_model_card"
 _SETTINGS_ATTRIBUTE = "_peft_ntk_training_settings"
 #: Hub ``pipeline_tag`` for PEFT task types (``None``: no pipeline fits, the card gets none).
 PIPELINE_TAGS = {
@@ -399,19 +398,10 @@ def _current_repo_id() -> Optional[str]:
     return _repo_id_for_cards[-1] if _repo_id_for_cards else None
 
 
-def enable_ntk_model_cards() -> None:
-    """Make ``PeftModel.create_or_update_model_card`` add the NTK-Attention card content (idempotent).
-
-    Models without NTK-Attention adapters get PEFT's card unchanged. Undo with :func:`disable_ntk_model_cards`.
-    """
-    current = PeftModel.create_or_update_model_card
-    if getattr(current, _MARKER, False):
-        return
-
-    @functools.wraps(current)
+def _make_ntk_model_card(original):
     def create_or_update_model_card(self, output_dir: str):
         if not _ntk_adapters(self):
-            return current(self, output_dir)
+            return original(self, output_dir)
         path = os.path.join(output_dir, "README.md")
         previous = None
         if os.path.isfile(path):
@@ -419,17 +409,24 @@ def enable_ntk_model_cards() -> None:
                 previous = ModelCard.load(path).data
             except Exception as err:  # a card PEFT itself cannot parse fails in PEFT's call below, with its error
                 logger.debug(f"Could not read the existing model card {path}: {err}")
-        result = current(self, output_dir)
+        result = original(self, output_dir)
         update_ntk_model_card(self, output_dir, previous=previous)
         return result
 
-    setattr(create_or_update_model_card, _MARKER, True)
-    create_or_update_model_card.__wrapped__ = current
-    PeftModel.create_or_update_model_card = create_or_update_model_card
+    return create_or_update_model_card
+
+
+_CARD_PATCH = MethodPatch(PeftModel, "create_or_update_model_card", _make_ntk_model_card)
+
+
+def enable_ntk_model_cards() -> None:
+    """Make ``PeftModel.create_or_update_model_card`` add the NTK-Attention card content (idempotent).
+
+    Models without NTK-Attention adapters get PEFT's card unchanged. Undo with :func:`disable_ntk_model_cards`.
+    """
+    _CARD_PATCH.apply()
 
 
 def disable_ntk_model_cards() -> None:
     """Put PEFT's own ``create_or_update_model_card`` back (a no-op when the NTK card hook is not installed)."""
-    current = PeftModel.create_or_update_model_card
-    if getattr(current, _MARKER, False):
-        PeftModel.create_or_update_model_card = current.__wrapped__
+    _CARD_PATCH.revert()

@@ -10,7 +10,8 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from .feature_maps import FEATURE_MAPS, RANDOM_FEATURE_MAPS, is_known_feature_map
+from ..ops.feature_maps import FEATURE_MAPS, RANDOM_FEATURE_MAPS, is_known_feature_map
+from .peft_type import NTK_PEFT_TYPE
 
 INIT_CHOICES = ("small_random", "zeros", "random")
 QUERY_FEATURES = ("post_rope", "pre_rope")
@@ -138,7 +139,6 @@ class NTKAttentionConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from .registration import NTK_PEFT_TYPE
 
         self.peft_type = NTK_PEFT_TYPE
         if isinstance(self.target_modules, list):

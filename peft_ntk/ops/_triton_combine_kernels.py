@@ -1,4 +1,4 @@
-"""Triton kernels of :mod:`peft_ntk.triton_combine` (imported on first use; needs ``triton``)."""
+"""Triton kernels of :mod:`peft_ntk.ops.triton_combine` (imported on first use; needs ``triton``)."""
 
 # ruff: noqa: E501, E741
 import triton

@@ -1,6 +1,6 @@
 """The prefix combine as two Triton kernels (forward, backward) for CUDA: one pass over the rows each way.
 
-Same math as :mod:`peft_ntk.fused_combine` (whose docstring derives the gradients) for the built-in ``elu`` and
+Same math as :mod:`peft_ntk.ops.torch_combine` (whose docstring derives the gradients) for the built-in ``elu`` and
 ``relu`` feature maps: the forward reads the query, the attention output and the LSE once and writes the output (in the
 (B, L, H, d) layout the attention interface returns, so no transpose copy follows) plus α, β and a mass flag per row;
 the backward reads them once more and writes dO, dLSE, dq, and per-chunk partial sums of dZ and dk that are added up
@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 
 from .feature_maps import elu_feature_map, get_feature_map, relu_feature_map
+from .kernels import load_kernel_state, save_kernel_state
 
 _FEATURE_CODES = {elu_feature_map: 0, relu_feature_map: 1}
 _MAX_HEAD_DIM = 128  # the backward keeps a (d × dv) fp32 accumulator and Z in registers
@@ -157,8 +158,8 @@ class _TritonNTKAttention(torch.autograd.Function):
     """A fused attention kernel and the Triton combine as one Function, for unmasked attention.
 
     The combine's backward writes the shifted output ``out'`` that carries the LSE gradient into the attention
-    kernel's backward (the "out" form of :mod:`peft_ntk.kernels`), so the LSE gradient costs no extra pass and no
-    tensor of its own. ``kernel`` is a :class:`peft_ntk.kernels.FusedKernel` that takes q, k, v as given (equal head
+    kernel's backward (the "out" form of :mod:`peft_ntk.ops.fused_attention`), so the LSE gradient costs no extra pass and no
+    tensor of its own. ``kernel`` is a :class:`peft_ntk.ops.kernels.FusedKernel` that takes q, k, v as given (equal head
     sizes, a multiple of its ``head_dim_multiple``; fewer K/V heads only where it has ``native_gqa``).
     """
 
@@ -166,20 +167,16 @@ class _TritonNTKAttention(torch.autograd.Function):
     def forward(ctx, query, key, value, z, k, is_causal: bool, scale: float, kernel, feature_code: int, out_dtype):
         attn_out, lse, state = kernel.forward(query, key, value, None, is_causal, scale)
         (attn_out,) = _last_dim_contiguous(attn_out)
-        from .kernels import _save_state  # kernels imports this module
-
         out, zk, stats = _combine_forward(attn_out, lse, query, z, k, feature_code, out_dtype)
-        ctx.save_for_backward(query, key, value, attn_out, zk, stats, *_save_state(ctx, state))
+        ctx.save_for_backward(query, key, value, attn_out, zk, stats, *save_kernel_state(ctx, state))
         ctx.is_causal, ctx.scale, ctx.kernel, ctx.feature_code = is_causal, scale, kernel, feature_code
         ctx.z_dtype, ctx.k_dtype = z.dtype, k.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        from .kernels import _load_state
-
         query, key, value, attn_out, zk, stats, *tensors = ctx.saved_tensors
-        state = _load_state(ctx, tuple(tensors))
+        state = load_kernel_state(ctx, tuple(tensors))
         grad_q, grad_o, shifted_out, grad_z, grad_k = _combine_backward(
             grad, attn_out, query, zk, stats, ctx.feature_code, shifted_out=True
         )

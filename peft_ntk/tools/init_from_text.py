@@ -21,10 +21,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .attention import capture_attention_inputs
-from .feature_maps import feature_map_and_log_scale
-from .layer import NTKAttentionLayer
-from .ops import PrefixStateAccumulator, repeat_kv_heads
+from ..ops import PrefixStateAccumulator, feature_map_and_log_scale, repeat_kv_heads
+from ..tuner.attention_hook import capture_attention_inputs
+from ..tuner.layer import NTKAttentionLayer
 
 logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: its verbosity is ours
 
@@ -233,6 +232,43 @@ def init_from_text(
         >>> report = peft_ntk.init_from_text(model, tokenizer, book, calibrate=True)  # doctest: +SKIP
         >>> report.tokens, report.chunks  # doctest: +SKIP
     """
+    calibrate, adapter_name, chunk_size = _checked_arguments(
+        peft_model, calibrate, calibration_text, batch_size, calibration_queries, adapter_name, chunk_size
+    )
+    layers = _ntk_layers(peft_model, adapter_name)
+    states = {key: _LayerState(layer, adapter_name) for key, (_, layer) in layers.items()}
+    report = TextInitReport(adapter_name=adapter_name, chunk_size=chunk_size, layers=len(states))
+    # 1. read the text with the adapters off, recording keys and values (and calibration queries)
+    _read_text(
+        peft_model,
+        tokenizer,
+        text,
+        states,
+        report,
+        calibrate=calibrate,
+        calibration_text=calibration_text,
+        calibration_queries=calibration_queries,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+    )
+    # 2. collapse each layer's keys and values into Z and k, scaled by the mass calibration if asked for
+    for state in states.values():
+        _write_prefix_state(state, adapter_name, calibrate, report)
+    # 3. one scale for the whole text, by the perplexity of held-out text
+    if calibrate == "perplexity":
+        _calibrate_by_perplexity(peft_model, tokenizer, states, adapter_name, calibration_text, chunk_size, report)
+    logger.info(
+        f"init_from_text: {report.tokens} tokens in {report.chunks} chunks of up to {chunk_size} written into "
+        f"adapter {adapter_name!r} of {report.layers} layers"
+    )
+    return report
+
+
+def _checked_arguments(
+    peft_model, calibrate, calibration_text, batch_size, calibration_queries, adapter_name, chunk_size
+) -> tuple[Union[bool, str], str, int]:
+    """``(calibrate, adapter_name, chunk_size)`` with the defaults filled in; a ValueError for every bad argument."""
     if calibrate is True:
         calibrate = "mass"
     if calibrate not in CALIBRATION_CHOICES:
@@ -251,7 +287,6 @@ def init_from_text(
     if adapter_name is None:
         active = getattr(peft_model, "active_adapters", None) or [getattr(peft_model, "active_adapter", "default")]
         adapter_name = active[0] if isinstance(active, (list, tuple)) else active
-    layers = _ntk_layers(peft_model, adapter_name)
     window = _default_chunk_size(peft_model)
     if chunk_size is None:
         chunk_size = window
@@ -262,7 +297,25 @@ def init_from_text(
             f"chunk_size={chunk_size} exceeds the model's context window ({window} positions); every chunk starts at "
             "position 0, so pass chunk_size <= the context window."
         )
-    states = {key: _LayerState(layer, adapter_name) for key, (_, layer) in layers.items()}
+    return calibrate, adapter_name, chunk_size
+
+
+def _read_text(
+    peft_model,
+    tokenizer,
+    text,
+    states,
+    report,
+    *,
+    calibrate,
+    calibration_text,
+    calibration_queries,
+    batch_size,
+    seed,
+    progress,
+) -> None:
+    """Run the base model over ``text`` chunk by chunk, adding each layer's keys and values to its state."""
+    chunk_size = report.chunk_size
     device = next(peft_model.parameters()).device
     was_training = peft_model.training
     peft_model.eval()
@@ -279,7 +332,6 @@ def init_from_text(
         state.add(query, key, value, scaling)
 
     disable = getattr(peft_model, "disable_adapter", None)
-    report = TextInitReport(adapter_name=adapter_name, chunk_size=chunk_size, layers=len(states))
     try:
         with disable() if disable is not None else _all_layers_disabled(states), capture_attention_inputs(capture):
             if calibrate == "mass":
@@ -304,39 +356,32 @@ def init_from_text(
     if report.tokens == 0:
         raise ValueError("the text is empty after tokenisation; pass a non-empty text")
 
-    for state in states.values():
-        if state.accumulator.z is None:
-            raise RuntimeError(
-                f"{type(state.layer.base_layer).__name__} never reached the NTK attention function while reading the "
-                "text, so no keys were recorded for it"
-            )
-        z, k = state.accumulator.state()
-        scales = torch.ones(z.shape[0], dtype=torch.float64)
-        errors = (float("nan"), float("nan"))
-        if calibrate == "mass":
-            before = state.true_log_mass - _ntk_log_mass(state.feature_map, state.calibration_queries, k)
-            finite = torch.isfinite(before)
-            log_alpha = torch.where(finite, before, torch.zeros_like(before)).sum(1) / finite.sum(1).clamp(min=1)
-            scales = torch.exp(log_alpha)
-            z, k = z * scales[:, None, None], k * scales[:, None]
-            after = before - log_alpha[:, None]
-            errors = (before[finite].abs().mean().item(), after[finite].abs().mean().item())
-        if not (torch.isfinite(z).all() and torch.isfinite(k).all()) or z.abs().max() > torch.finfo(torch.float32).max:
-            raise ValueError(
-                "the prefix state of this text does not fit in float32; use calibrate=True or a shorter text"
-            )
-        layer = state.layer
-        layer.ntk_z[adapter_name].data.copy_(z.to(layer.ntk_z[adapter_name].dtype))
-        layer.ntk_k[adapter_name].data.copy_(k.to(layer.ntk_k[adapter_name].dtype))  # k >= 0, so |k| = k
-        report.calibration_scales.append([round(float(s), 6) for s in scales])
-        report.calibration_log_mass_error.append(errors)
-    if calibrate == "perplexity":
-        _calibrate_by_perplexity(peft_model, tokenizer, states, adapter_name, calibration_text, chunk_size, report)
-    logger.info(
-        f"init_from_text: {report.tokens} tokens in {report.chunks} chunks of up to {chunk_size} written into "
-        f"adapter {adapter_name!r} of {report.layers} layers"
-    )
-    return report
+
+def _write_prefix_state(state, adapter_name: str, calibrate, report) -> None:
+    """Write one layer's accumulated ``(Z, k)`` into its adapter, scaled per head by the mass calibration."""
+    if state.accumulator.z is None:
+        raise RuntimeError(
+            f"{type(state.layer.base_layer).__name__} never reached the NTK attention function while reading the "
+            "text, so no keys were recorded for it"
+        )
+    z, k = state.accumulator.state()
+    scales = torch.ones(z.shape[0], dtype=torch.float64)
+    errors = (float("nan"), float("nan"))
+    if calibrate == "mass":
+        before = state.true_log_mass - _ntk_log_mass(state.feature_map, state.calibration_queries, k)
+        finite = torch.isfinite(before)
+        log_alpha = torch.where(finite, before, torch.zeros_like(before)).sum(1) / finite.sum(1).clamp(min=1)
+        scales = torch.exp(log_alpha)
+        z, k = z * scales[:, None, None], k * scales[:, None]
+        after = before - log_alpha[:, None]
+        errors = (before[finite].abs().mean().item(), after[finite].abs().mean().item())
+    if not (torch.isfinite(z).all() and torch.isfinite(k).all()) or z.abs().max() > torch.finfo(torch.float32).max:
+        raise ValueError("the prefix state of this text does not fit in float32; use calibrate=True or a shorter text")
+    layer = state.layer
+    layer.ntk_z[adapter_name].data.copy_(z.to(layer.ntk_z[adapter_name].dtype))
+    layer.ntk_k[adapter_name].data.copy_(k.to(layer.ntk_k[adapter_name].dtype))  # k >= 0, so |k| = k
+    report.calibration_scales.append([round(float(s), 6) for s in scales])
+    report.calibration_log_mass_error.append(errors)
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """The prefix combine of the fused path as one autograd Function: few kernels, and only per-row scalars saved.
 
-:func:`peft_ntk.ops.ntk_prefix_combine` (the reference) leaves the combine to autograd, which records about forty
+:func:`peft_ntk.ops.reference.ntk_prefix_combine` (the reference) leaves the combine to autograd, which records about forty
 elementwise float32 ops per layer and keeps their (B, H, L, d) intermediates for the backward. On a GPU that cost as
 much time as the attention kernel at short lengths and half again the base model's activation memory. Written out,
 with ``S = e^LSE``, ``a = φ(q)ᵀk``, ``u = φ(q)ᵀZ``::
@@ -24,9 +24,7 @@ from typing import Optional, Union
 
 import torch
 
-from .feature_maps import FeatureMap, elu_feature_map, feature_map_and_log_scale, get_feature_map, relu_feature_map
-
-_STATELESS_MAPS = (elu_feature_map, relu_feature_map)
+from .feature_maps import FeatureMap, feature_map_and_log_scale
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -95,18 +93,6 @@ class _PrefixCombine(torch.autograd.Function):
         return grad_o, grad_lse, grad_q, grad_z, grad_k, None, None
 
 
-def feature_map_has_trainable_state(feature_map: Union[str, FeatureMap], query: torch.Tensor) -> bool:
-    """Whether ``phi`` depends on a tensor that requires grad besides the query (a learned map): the Function
-    differentiates the recomputed map with respect to the query only, so such a map must take the autograd path.
-    Decided on one query row; the built-in elu and relu maps hold none (no probe)."""
-    if isinstance(feature_map, str) and get_feature_map(feature_map) in _STATELESS_MAPS:
-        return False
-    probe = query.detach().reshape(-1, query.shape[-1])[:1].to(_work_dtype(query.dtype))
-    with torch.enable_grad():
-        phi, log_scale = feature_map_and_log_scale(feature_map, probe)
-    return phi.requires_grad or (log_scale is not None and log_scale.requires_grad)
-
-
 def fused_prefix_combine(
     attn_out: torch.Tensor,
     lse: torch.Tensor,
@@ -121,6 +107,6 @@ def fused_prefix_combine(
 
     Computed in float32 (float64 for float64 inputs) and returned in ``out_dtype`` (default: ``attn_out``'s). The
     backward recomputes ``phi`` and differentiates it with respect to the query, so ``feature_map`` must not hold
-    trainable tensors (:func:`feature_map_has_trainable_state`; registered maps and random features do not).
+    trainable tensors (:func:`peft_ntk.ops.feature_maps.feature_map_has_trainable_state`; registered maps and random features do not).
     """
     return _PrefixCombine.apply(attn_out, lse, query, z, k, feature_map, out_dtype or attn_out.dtype)

@@ -14,10 +14,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .attention import BASE_IMPLEMENTATIONS, NTK_IMPLEMENTATIONS
+from .attention_hook import BASE_IMPLEMENTATIONS, NTK_IMPLEMENTATIONS
 from .config import NTKAttentionConfig
 from .layer import MERGE_ERROR, NTKAttentionLayer
-from .registration import NTK_PREFIX
+from .peft_type import NTK_PREFIX
 
 logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: its verbosity is ours
 

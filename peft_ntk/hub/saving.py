@@ -50,7 +50,6 @@ file system keeping renames ordered after fsynced data (ext4, xfs, btrfs, APFS d
 from __future__ import annotations
 
 import errno
-import functools
 import inspect
 import json
 import os
@@ -62,19 +61,33 @@ from typing import Any, Optional
 from peft import PeftModel
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
+from .._patching import MethodPatch
+from ..tuner.peft_type import NTK_PEFT_TYPE
 from . import model_card
-from .registration import NTK_PEFT_TYPE
 
 CONFIG_NAME = "adapter_config.json"
 STAGING_PREFIX = ".tmp-peft-save-"
 _JOURNAL = "journal.json"
 _NEW, _OLD = "new", "old"
-_MARKER = "_peft_ntk_atomic_save"
 _scope: Optional[str] = None  # None (disabled), "ntk" or "all"
 _PEFT_SIGNATURE = inspect.signature(PeftModel.save_pretrained)
 
 
 # --------------------------------------------------------------------------------------------------- patch management
+
+
+def _make_atomic_save_pretrained(original):
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        arguments = _bound_arguments(self, save_directory, args, kwargs) or {}
+        with model_card.saving_adapters(arguments.get("selected_adapters")):  # the card describes what is saved
+            if _scope == "all" or (_scope == "ntk" and _all_selected_are_ntk(self, save_directory, args, kwargs)):
+                return _atomic_save(original, self, save_directory, args, kwargs)
+            return original(self, save_directory, *args, **kwargs)
+
+    return save_pretrained
+
+
+_SAVE_PATCH = MethodPatch(PeftModel, "save_pretrained", _make_atomic_save_pretrained)
 
 
 def enable_atomic_save(*, all_adapters: bool = False) -> None:
@@ -88,42 +101,24 @@ def enable_atomic_save(*, all_adapters: bool = False) -> None:
     """
     global _scope
     _scope = "all" if all_adapters else "ntk"
-    if getattr(PeftModel.save_pretrained, _MARKER, False):
-        return
-    original = PeftModel.save_pretrained
-
-    @functools.wraps(original)
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        arguments = _bound_arguments(self, save_directory, args, kwargs) or {}
-        with model_card.saving_adapters(arguments.get("selected_adapters")):  # the card describes what is saved
-            if _scope == "all" or (_scope == "ntk" and _all_selected_are_ntk(self, save_directory, args, kwargs)):
-                return _atomic_save(original, self, save_directory, args, kwargs)
-            return original(self, save_directory, *args, **kwargs)
-
-    setattr(save_pretrained, _MARKER, True)
-    save_pretrained.__wrapped__ = original
-    PeftModel.save_pretrained = save_pretrained
+    _SAVE_PATCH.apply()
 
 
 def disable_atomic_save() -> None:
     """Put PEFT's original ``save_pretrained`` back (a no-op when atomic saving is not enabled)."""
     global _scope
-    current = PeftModel.save_pretrained
-    if getattr(current, _MARKER, False):
-        PeftModel.save_pretrained = current.__wrapped__
+    _SAVE_PATCH.revert()
     _scope = None
 
 
 def atomic_save_scope() -> Optional[str]:
     """``None`` when atomic saving is off, ``"ntk"`` for NTK-Attention adapters only, ``"all"`` for every adapter."""
-    return _scope if getattr(PeftModel.save_pretrained, _MARKER, False) else None
+    return _scope if _SAVE_PATCH.applied else None
 
 
 def atomic_save_pretrained(model: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
     """``model.save_pretrained(save_directory, *args, **kwargs)``, atomically, whether or not the patch is enabled."""
-    current = PeftModel.save_pretrained
-    original = current.__wrapped__ if getattr(current, _MARKER, False) else current
-    _atomic_save(original, model, save_directory, args, kwargs)
+    _atomic_save(_SAVE_PATCH.original, model, save_directory, args, kwargs)
 
 
 def _bound_arguments(model, save_directory, args, kwargs) -> Optional[dict]:
@@ -392,6 +387,3 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
-
-
-enable_atomic_save()  # `import peft_ntk`: atomic for NTK-Attention adapters, PEFT's own save for every other type

@@ -22,9 +22,9 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
-from .config import NTKAttentionConfig
-from .layer import NTKAttentionLayer
-from .ops import prefix_state_from_keys_values, repeat_kv_heads
+from ..ops import prefix_state_from_keys_values, repeat_kv_heads
+from ..tuner.config import NTKAttentionConfig
+from ..tuner.layer import NTKAttentionLayer
 
 
 def prefix_keys_values(prefix_model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -12,14 +12,14 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .config import NTKAttentionConfig
-from .feature_maps import (
+from ..ops.feature_maps import (
     RANDOM_FEATURE_MAPS,
     FeatureMap,
     PositiveRandomFeatures,
     draw_random_projection,
     feature_dim_of,
 )
+from .config import NTKAttentionConfig
 
 # The attention function receives the *base* attention module. While an NTK layer runs its base module, this
 # variable holds (base module, NTK layer) so the function can find the adapter without a back-reference on the base

@@ -12,10 +12,9 @@ from typing import Any, Optional
 import torch
 from transformers import TrainerCallback
 
-from .attention import capture_attention_inputs, query_before_rotary
-from .feature_maps import feature_map_and_log_scale
-from .layer import NTKAttentionLayer, running_layer_for
-from .ops import compute_dtype_for, masked_scores
+from ..ops import compute_dtype_for, feature_map_and_log_scale, masked_scores
+from ..tuner.attention_hook import capture_attention_inputs, query_before_rotary
+from ..tuner.layer import NTKAttentionLayer, running_layer_for
 
 
 def ntk_layers(model: torch.nn.Module) -> list[tuple[str, NTKAttentionLayer]]:

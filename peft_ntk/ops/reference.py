@@ -1,6 +1,8 @@
 """NTK-Attention math in plain torch.
 
-This module is the reference every faster kernel is tested against. It has no knowledge of transformers or PEFT.
+This module is the reference every faster path is tested against (:func:`ntk_attention_reference`), together with
+the paper's formula written literally (:func:`naive_ntk_attention`). It has no knowledge of transformers or PEFT;
+:func:`peft_ntk.ops.ntk_attention` dispatches to the fastest exact path instead.
 
 NTK-Attention adds a virtual, infinitely long prefix to softmax attention. With the prefix kernel replaced by
 ``phi(q)ᵀ phi(k_p)``, the prefix collapses to two per-head quantities ``Z = Σ_p phi(k_p) v_pᵀ`` and
@@ -19,82 +21,8 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .feature_maps import (  # noqa: F401  (re-exported: the feature maps used to live here)
-    FEATURE_MAPS,
-    RANDOM_FEATURE_MAPS,
-    FeatureMap,
-    PositiveRandomFeatures,
-    elu_feature_map,
-    feature_map_and_log_scale,
-    get_feature_map,
-    register_feature_map,
-    relu_feature_map,
-)
-
-
-def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    """Half-precision inputs are computed in float32 and cast back; float32/float64 stay as they are."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def repeat_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(B, Hkv, L, d) -> (B, num_heads, L, d); query head h reads key/value head h // (num_heads // Hkv)."""
-    kv_heads = x.shape[1]
-    if kv_heads == num_heads:
-        return x
-    return x.repeat_interleave(num_heads // kv_heads, dim=1)
-
-
-def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
-    """Boolean (q_len, k_len) mask, True = attend, aligned to the end: query i sits at key position k_len - q_len + i."""
-    offset = k_len - q_len
-    rows = torch.arange(q_len, device=device)[:, None] + offset
-    return rows >= torch.arange(k_len, device=device)[None, :]
-
-
-def _check_inputs(query, key, value, z, k, attention_mask) -> None:
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        raise ValueError(
-            "query, key and value must be 4-D (batch, heads, length, head_dim); got shapes "
-            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
-        )
-    batch, heads, _, dim = query.shape
-    if key.shape[1] != value.shape[1] or key.shape[2] != value.shape[2] or key.shape[0] != value.shape[0]:
-        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree in batch, heads and length")
-    if key.shape[0] != batch or key.shape[-1] != dim:
-        raise ValueError(f"key {tuple(key.shape)} does not match query {tuple(query.shape)} in batch or head_dim")
-    if heads % key.shape[1] != 0:
-        raise ValueError(
-            f"query has {heads} heads, which is not a multiple of the {key.shape[1]} key/value heads (grouped-query "
-            "attention needs num_heads % num_key_value_heads == 0)"
-        )
-    if z is not None or k is not None:
-        if z is None or k is None:
-            raise ValueError("pass both z and k, or neither (plain attention)")
-        if z.dim() != 3 or z.shape[0] != heads or z.shape[2] != value.shape[-1]:
-            raise ValueError(
-                f"z must have shape (num_heads={heads}, feature_dim, value_dim={value.shape[-1]}); got {tuple(z.shape)}"
-            )
-        if k.shape != z.shape[:2]:
-            raise ValueError(f"k must have shape {tuple(z.shape[:2])} to match z; got {tuple(k.shape)}")
-    if attention_mask is not None:
-        target = (batch, heads, query.shape[2], key.shape[2])
-        try:
-            fits = attention_mask.dim() <= 4 and torch.broadcast_shapes(attention_mask.shape, target) == target
-        except RuntimeError:
-            fits = False
-        if not fits:
-            raise ValueError(
-                f"attention_mask of shape {tuple(attention_mask.shape)} does not broadcast to "
-                f"(batch, heads, q_len, k_len) = {target}"
-            )
-
-
-def _check_feature_query(feature_query: Optional[torch.Tensor], query: torch.Tensor) -> None:
-    if feature_query is not None and feature_query.shape != query.shape:
-        raise ValueError(
-            f"feature_query must have the query's shape {tuple(query.shape)}; got {tuple(feature_query.shape)}"
-        )
+from .common import causal_mask, check_feature_query, check_inputs, compute_dtype_for, repeat_kv_heads
+from .feature_maps import FeatureMap, feature_map_and_log_scale, get_feature_map
 
 
 def masked_scores(
@@ -219,7 +147,7 @@ def ntk_prefix_combine(
     return ntk_combine(attn_out, lse, phi, z.to(attn_out.dtype), k.to(attn_out.dtype))
 
 
-def ntk_attention(
+def ntk_attention_reference(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -258,15 +186,15 @@ def ntk_attention(
     Example::
 
         >>> import torch
-        >>> from peft_ntk import ntk_attention
+        >>> from peft_ntk.ops import ntk_attention_reference
         >>> q, kv = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
         >>> z, k = torch.zeros(4, 8, 8), torch.zeros(4, 8)
-        >>> out = ntk_attention(q, kv, kv, z, k, is_causal=True)  # Z = 0, k = 0: plain causal attention
+        >>> out = ntk_attention_reference(q, kv, kv, z, k, is_causal=True)  # Z = 0, k = 0: plain causal attention
         >>> out.shape
         torch.Size([1, 4, 3, 8])
     """
-    _check_inputs(query, key, value, z, k, attention_mask)
-    _check_feature_query(feature_query, query)
+    check_inputs(query, key, value, z, k, attention_mask)
+    check_feature_query(feature_query, query)
     out_dtype = query.dtype
     dtype = compute_dtype_for(query.dtype)
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
@@ -307,7 +235,7 @@ def naive_ntk_attention(
 ) -> torch.Tensor:
     """The paper's formula written literally, ``(E v + phi(q)Z) / (ΣE + phi(q)k)`` with ``E = exp(s - max)``.
 
-    Only for tests and benchmarks: it materialises the scores, and its result differs from :func:`ntk_attention` only
+    Only for tests and benchmarks: it materialises the scores, and its result differs from :func:`ntk_attention_reference` only
     by rounding where neither overflows. It shares the official code's weakness that rows without keys divide by
     ``phi(q)ᵀk`` alone.
     """
@@ -320,100 +248,3 @@ def naive_ntk_attention(
     numerator = e @ value + torch.einsum("bhlr,hrd->bhld", phi, z) * scale
     denominator = e.sum(-1, keepdim=True) + torch.einsum("bhlr,hr->bhl", phi, k).unsqueeze(-1) * scale
     return numerator / denominator
-
-
-class PrefixStateAccumulator:
-    """Streaming ``Z = Σ_p phi(k_p) v_pᵀ`` and ``k = Σ_p phi(k_p)`` over chunks of prefix keys and values.
-
-    Adding the chunks of a prefix one by one gives the same ``(Z, k)`` as one pass over the whole prefix (up to float64
-    rounding), with memory independent of the prefix length. Sums are kept in float64. For maps with a ``stabilized``
-    form (exponential features) each head keeps one running log-scale ``c_h`` shared by *all* its keys, so
-    ``Z_h = e^{c_h} Σ_p phi_tilde(k_p) v_pᵀ`` stays exact: a per-key scale would not cancel in the sum. When a chunk
-    raises ``c_h`` the sums so far are rescaled, as in online softmax.
-
-    Example::
-
-        >>> import torch
-        >>> from peft_ntk.ops import PrefixStateAccumulator, prefix_state_from_keys_values
-        >>> keys, values = torch.randn(2, 10, 4, dtype=torch.float64), torch.randn(2, 10, 4, dtype=torch.float64)
-        >>> acc = PrefixStateAccumulator("elu")
-        >>> acc.add(keys[:, :6], values[:, :6]); acc.add(keys[:, 6:], values[:, 6:])
-        >>> z, k = acc.state()
-        >>> torch.allclose(z, prefix_state_from_keys_values(keys, values)[0])
-        True
-    """
-
-    def __init__(self, feature_map: Union[str, FeatureMap] = "elu") -> None:
-        self.feature_map = feature_map
-        self.z: Optional[torch.Tensor] = None  # (H, r, dv) float64, in units of e^{log_scale}
-        self.k: Optional[torch.Tensor] = None  # (H, r)
-        self.log_scale: Optional[torch.Tensor] = None  # (H,) or None for plain maps
-        self.count = 0
-
-    @torch.no_grad()
-    def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Add prefix rows: ``keys`` (H, m, d) and ``values`` (H, m, dv); a leading batch dim is summed over too."""
-        if keys.dim() == 4:
-            keys, values = keys.transpose(0, 1).flatten(1, 2), values.transpose(0, 1).flatten(1, 2)
-        if keys.dim() != 3 or values.dim() != 3 or keys.shape[:2] != values.shape[:2]:
-            raise ValueError(
-                f"prefix keys (H, m, d) and values (H, m, dv) must agree in heads and length; got {tuple(keys.shape)} "
-                f"and {tuple(values.shape)}"
-            )
-        keys, values = keys.to(torch.float64), values.to(torch.float64)
-        phi, log_scale = feature_map_and_log_scale(self.feature_map, keys)
-        if log_scale is not None:
-            chunk_scale = log_scale.amax(dim=1)  # (H,): one scale for all keys of a head
-            phi = phi * torch.exp(log_scale - chunk_scale[:, None])[..., None]
-        z = torch.einsum("hmr,hmd->hrd", phi, values)
-        k = phi.sum(dim=1)
-        self.count += keys.shape[1]
-        if self.z is None:
-            self.z, self.k, self.log_scale = z, k, (chunk_scale if log_scale is not None else None)
-            return
-        if (self.log_scale is None) != (log_scale is None) or self.z.shape != z.shape:
-            raise ValueError(
-                f"this chunk gives a prefix state of shape {tuple(z.shape)}, earlier chunks {tuple(self.z.shape)}"
-            )
-        if log_scale is not None:
-            new_scale = torch.maximum(self.log_scale, chunk_scale)
-            old_factor, new_factor = torch.exp(self.log_scale - new_scale), torch.exp(chunk_scale - new_scale)
-            self.z = self.z * old_factor[:, None, None] + z * new_factor[:, None, None]
-            self.k = self.k * old_factor[:, None] + k * new_factor[:, None]
-            self.log_scale = new_scale
-        else:
-            self.z, self.k = self.z + z, self.k + k
-
-    def state(self, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Z (H, r, dv), k (H, r))`` at their true scale, as float64 unless ``dtype`` is given."""
-        if self.z is None:
-            raise ValueError("no prefix rows were added")
-        z, k = self.z, self.k
-        if self.log_scale is not None:
-            factor = torch.exp(self.log_scale)
-            z, k = z * factor[:, None, None], k * factor[:, None]
-        if dtype is not None:
-            z, k = z.to(dtype), k.to(dtype)
-        if not (torch.isfinite(z).all() and torch.isfinite(k).all()):
-            raise ValueError(
-                "the prefix state overflows (Z or k is not finite): the features of these keys are too large for "
-                f"{dtype or torch.float64}. Use fewer or smaller keys, or a bounded feature map such as 'elu'."
-            )
-        return z, k
-
-
-def prefix_state_from_keys_values(
-    prefix_keys: torch.Tensor, prefix_values: torch.Tensor, feature_map: Union[str, FeatureMap] = "elu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Collapse an explicit prefix (H, m, d) / (H, m, dv) to ``Z = Σ phi(k_p) v_pᵀ`` (H, r, dv) and ``k = Σ phi(k_p)``.
-
-    Differentiable for plain maps (computed in the keys' dtype, as before). Maps with a ``stabilized`` form are
-    accumulated in float64 with a shared per-head scale (:class:`PrefixStateAccumulator`) and cast back.
-    """
-    fn = get_feature_map(feature_map)
-    if getattr(fn, "stabilized", None) is None:
-        phi = fn(prefix_keys)
-        return torch.einsum("hmr,hmd->hrd", phi, prefix_values), phi.sum(dim=1)
-    accumulator = PrefixStateAccumulator(fn)
-    accumulator.add(prefix_keys, prefix_values)
-    return accumulator.state(dtype=prefix_keys.dtype)

@@ -140,7 +140,7 @@ class PositiveRandomFeatures:
     Example::
 
         >>> import torch
-        >>> from peft_ntk.feature_maps import PositiveRandomFeatures, draw_random_projection
+        >>> from peft_ntk.ops.feature_maps import PositiveRandomFeatures, draw_random_projection
         >>> phi = PositiveRandomFeatures(draw_random_projection(4096, 8, seed=0))
         >>> q, k = torch.randn(8, dtype=torch.float64) / 2, torch.randn(8, dtype=torch.float64) / 2
         >>> estimate, exact = (phi(q) @ phi(k)).item(), torch.exp(q @ k / 8 ** 0.5).item()
@@ -183,3 +183,28 @@ class PositiveRandomFeatures:
 
     def __repr__(self) -> str:
         return f"PositiveRandomFeatures(r={self.projection.shape[0]}, d={self.projection.shape[1]})"
+
+
+def feature_map_has_trainable_state(feature_map: Union[str, FeatureMap], query: torch.Tensor) -> bool:
+    """Whether ``phi`` depends on a tensor that requires grad besides its input (a learned map).
+
+    The fused combines recompute ``phi`` in their backward and differentiate it with respect to the query only, so
+    such a map must take the autograd path. The built-in maps and :class:`PositiveRandomFeatures` are answered from
+    what they hold, as is an ``nn.Module`` (its parameters) or a callable with a ``has_trainable_state`` attribute;
+    only any other callable is run on one query row to find out.
+    """
+    fn = get_feature_map(feature_map)
+    if fn is elu_feature_map or fn is relu_feature_map:
+        return False
+    if isinstance(fn, PositiveRandomFeatures):
+        return fn.projection.requires_grad
+    if isinstance(fn, torch.nn.Module):
+        return any(p.requires_grad for p in fn.parameters())
+    declared = getattr(fn, "has_trainable_state", None)
+    if declared is not None:
+        return bool(declared)
+    work = torch.float64 if query.dtype == torch.float64 else torch.float32
+    probe = query.detach().reshape(-1, query.shape[-1])[:1].to(work)
+    with torch.enable_grad():
+        phi, log_scale = feature_map_and_log_scale(fn, probe)
+    return phi.requires_grad or (log_scale is not None and log_scale.requires_grad)

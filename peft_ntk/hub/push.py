@@ -11,8 +11,8 @@ NTK-Attention adapters to :func:`push_adapter_to_hub`, which
 
 1. creates the repo if needed (``exist_ok=True``; ``private=`` applies to a new repo) and the branch ``revision``;
 2. downloads the repo's ``README.md`` at that revision, if it has one, into a fresh temporary folder, and saves the
-   adapter there with ``save_pretrained`` (atomic, see :mod:`peft_ntk.saving`), so PEFT and
-   :mod:`peft_ntk.model_card` *update* that card (the user's text and metadata are kept);
+   adapter there with ``save_pretrained`` (atomic, see :mod:`peft_ntk.hub.saving`), so PEFT and
+   :mod:`peft_ntk.hub.model_card` *update* that card (the user's text and metadata are kept);
 3. uploads the folder in one commit (``HfApi.create_commit``): the Hub applies a commit whole or not at all.
 
 The temporary folder is deleted whatever happens, so an interrupted push leaves nothing behind locally; it never
@@ -20,15 +20,14 @@ touches a folder of yours. Run the same call again to retry. Other adapter types
 
 **Pull.** ``PeftModel.from_pretrained(base, repo_id, revision=...)``, ``AutoPeftModelFor*.from_pretrained(repo_id)``
 and ``PeftModel.load_adapter`` are PEFT's own (``import peft_ntk`` first). PEFT turns every failure to fetch
-``adapter_config.json`` into ``ValueError: Can't find 'adapter_config.json' at '<repo>'``, whatever the cause. The
-hook keeps that exception type but says why and what to do: an invalid token, a missing or private repository, a
+``adapter_config.json`` into ``ValueError: Can't find 'adapter_config.json' at '<repo>'``, whatever the cause. With
+``enable_hub_integration(explain_load_errors=True)`` that error keeps its type but says why and what to do: an invalid token, a missing or private repository, a
 missing revision, or offline mode (``HF_HUB_OFFLINE=1``) with nothing in the cache (see
 :func:`explain_hub_error`). Loading from the cache offline works as PEFT and ``huggingface_hub`` do it.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import tempfile
@@ -38,8 +37,9 @@ from peft import PeftModel
 from peft.config import PeftConfigMixin
 from transformers.utils import logging
 
+from .._patching import MethodPatch
+from ..tuner.peft_type import NTK_PEFT_TYPE
 from . import model_card
-from .registration import NTK_PEFT_TYPE
 
 logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: its verbosity is ours
 
@@ -51,14 +51,13 @@ __all__ = [
     "push_adapter_to_hub",
 ]
 
-_MARKER = "_peft_ntk_hub"
 _PACKAGE = "peft-ntk-rankgen"
 
 
 def _api():
     from huggingface_hub import HfApi
 
-    from . import __version__
+    from .._version import __version__
 
     return HfApi(library_name=_PACKAGE, library_version=__version__)
 
@@ -237,12 +236,9 @@ def explain_hub_error(error: BaseException, repo_id: str) -> Optional[str]:
     return None
 
 
-def _clearer_config_error(original_name: str):
+def _make_clearer_config_error(function):
     """Wrap a ``PeftConfigMixin`` classmethod so PEFT's "Can't find 'adapter_config.json'" says why."""
-    original = getattr(PeftConfigMixin, original_name)  # a bound classmethod
-    function = original.__func__
 
-    @functools.wraps(function)
     def wrapper(cls, model_id, *args, **kwargs):
         try:
             return function(cls, model_id, *args, **kwargs)
@@ -252,8 +248,7 @@ def _clearer_config_error(original_name: str):
                 raise
             raise ValueError(f"{error}: {reason}") from error
 
-    setattr(wrapper, _MARKER, function)
-    return classmethod(wrapper)
+    return wrapper
 
 
 # --------------------------------------------------------------------------------------------------------- hooks
@@ -264,48 +259,48 @@ def _all_adapters_are_ntk(model) -> bool:
     return bool(configs) and all(config.peft_type == NTK_PEFT_TYPE for config in configs.values())
 
 
-def enable_hub_integration() -> None:
-    """Route ``push_to_hub`` of NTK-Attention models to :func:`push_adapter_to_hub`, write NTK model cards on every
-    save, and make PEFT's "Can't find 'adapter_config.json'" error say why. Idempotent; ``import peft_ntk`` runs it.
+def _make_push_to_hub(original):
+    def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any):
+        if not args and _all_adapters_are_ntk(self):
+            return push_adapter_to_hub(self, repo_id, **kwargs)
+        return original(self, repo_id, *args, **kwargs)
+
+    return push_to_hub
+
+
+_PUSH_PATCH = MethodPatch(PeftModel, "push_to_hub", _make_push_to_hub)
+_LOAD_ERROR_PATCHES = tuple(
+    MethodPatch(PeftConfigMixin, name, _make_clearer_config_error) for name in ("from_pretrained", "_get_peft_type")
+)
+
+
+def enable_hub_integration(*, explain_load_errors: bool = False) -> None:
+    """Route ``push_to_hub`` of NTK-Attention models to :func:`push_adapter_to_hub` and write NTK model cards on every
+    save; models with other adapter types keep PEFT's and transformers' behaviour. Idempotent; ``import peft_ntk``
+    runs it.
+
+    Args:
+        explain_load_errors: also make PEFT's "Can't find 'adapter_config.json'" error say why (token, repository,
+            revision, offline mode; :func:`explain_hub_error`). It is raised before PEFT knows the adapter type, so
+            it applies to every adapter type and is left to the caller to switch on.
     """
     model_card.enable_ntk_model_cards()
-    current = PeftModel.push_to_hub
-    if not getattr(current, _MARKER, False):
-
-        @functools.wraps(current)
-        def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any):
-            if not args and _all_adapters_are_ntk(self):
-                return push_adapter_to_hub(self, repo_id, **kwargs)
-            return current(self, repo_id, *args, **kwargs)
-
-        setattr(push_to_hub, _MARKER, True)
-        push_to_hub._peft_ntk_own = "push_to_hub" in PeftModel.__dict__
-        push_to_hub.__wrapped__ = current
-        PeftModel.push_to_hub = push_to_hub
-    for name in ("from_pretrained", "_get_peft_type"):
-        if not hasattr(PeftConfigMixin.__dict__[name].__func__, _MARKER):
-            setattr(PeftConfigMixin, name, _clearer_config_error(name))
+    _PUSH_PATCH.apply()
+    if explain_load_errors:
+        for patch in _LOAD_ERROR_PATCHES:
+            patch.apply()
 
 
 def disable_hub_integration() -> None:
     """Undo :func:`enable_hub_integration`: PEFT's and transformers' own methods come back."""
     model_card.disable_ntk_model_cards()
-    current = PeftModel.__dict__.get("push_to_hub")
-    if current is not None and getattr(current, _MARKER, False):
-        if current._peft_ntk_own:
-            PeftModel.push_to_hub = current.__wrapped__
-        else:
-            del PeftModel.push_to_hub  # inherited from transformers' PushToHubMixin again
-    for name in ("from_pretrained", "_get_peft_type"):
-        function = PeftConfigMixin.__dict__[name].__func__
-        original = getattr(function, _MARKER, None)
-        if original is not None:
-            setattr(PeftConfigMixin, name, classmethod(original))
+    for patch in (_PUSH_PATCH, *_LOAD_ERROR_PATCHES):
+        patch.revert()
 
 
 def hub_integration_enabled() -> bool:
     """Whether :func:`enable_hub_integration` is in effect."""
-    return getattr(PeftModel.__dict__.get("push_to_hub"), _MARKER, False) is True
+    return _PUSH_PATCH.applied
 
 
 def _additions(folder: str) -> list:

@@ -4,7 +4,8 @@ The tuner switches a model's ``attn_implementation`` from ``sdpa`` to ``ntk_sdpa
 names are registered with ``AttentionInterface`` and, with the matching mask builder, with ``AttentionMaskInterface``:
 without a registered mask builder transformers silently drops the padding mask for unknown implementations.
 
-For a module wrapped by an active NTK layer the function runs :func:`peft_ntk.ops.ntk_attention`; for every other
+For a module wrapped by an active NTK layer the function runs :func:`peft_ntk.ops.ntk_attention` (its dispatcher picks
+the path, and the hook says once why a model's calls fall back to the reference); for every other
 attention call (cross-attention, layers left out, adapters disabled) it calls the original implementation with the
 mask that implementation expects, so those calls are bit-for-bit what the base model computes.
 """
@@ -23,9 +24,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask,
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
-from .kernels import auto_uses_fused_path, fused_ntk_attention, fused_path_unavailable_reason
+from ..ops import ntk_attention_reference, plan_ntk_attention
 from .layer import running_layer_for, running_position_embeddings_for
-from .ops import ntk_attention
 
 try:
     from transformers.utils.output_capturing import _active_collector
@@ -69,7 +69,7 @@ def _module_eager_attention(module: nn.Module) -> Callable[..., Any]:
 
 
 def _generic_eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    out, weights = ntk_attention(
+    out, weights = ntk_attention_reference(
         query,
         key,
         value,
@@ -116,22 +116,6 @@ def _unsupported_kwargs(kwargs: dict) -> Optional[str]:
         if kwargs.get(name) is not None:
             return name
     return None
-
-
-def _use_fused_path(backend: str, query: torch.Tensor, dropout: float, want_weights: bool, mask=None) -> bool:
-    if backend == "reference":
-        return False
-    reason = fused_path_unavailable_reason(query, dropout, want_weights, attention_mask=mask)
-    if reason is None:
-        # "auto" on CUDA keeps the reference until the fused CUDA path is validated there (says so once, at info).
-        return backend == "fused" or auto_uses_fused_path(query)
-    if backend == "fused":
-        raise ValueError(
-            f"attention_backend='fused' cannot serve this call: {reason}. Use attention_backend='auto' to fall back "
-            "to the reference path there."
-        )
-    logger.warning_once(f"NTK-Attention uses its reference path (scores materialised) for some calls: {reason}.")
-    return False
 
 
 def ntk_attention_forward(
@@ -187,19 +171,27 @@ def ntk_attention_forward(
     training = module.training
     dropout = dropout if training else 0.0
     feature_dropout = state.feature_dropout if training else 0.0
-    args = (query, key, value, state.z, state.k)
-    options = dict(
+    plan = plan_ntk_attention(
+        query,
+        key,
+        value,
+        state.z,
+        state.k,
         attention_mask=mask,
         is_causal=is_causal,
         scaling=scaling,
         feature_map=state.feature_map,
+        dropout=dropout,
         feature_dropout=feature_dropout,
+        return_weights=want_weights,
+        feature_query=query_before_rotary(module, query) if state.query_features == "pre_rope" else None,
+        backend=state.attention_backend,
     )
-    if state.query_features == "pre_rope":
-        options["feature_query"] = query_before_rotary(module, query)
-    if _use_fused_path(state.attention_backend, query, dropout, want_weights, mask):
-        return fused_ntk_attention(*args, **options).transpose(1, 2).contiguous(), None
-    result = ntk_attention(*args, **options, dropout=dropout, return_weights=want_weights)
+    if plan.fallback_reason is not None:
+        logger.warning_once(
+            f"NTK-Attention uses its reference path (scores materialised) for some calls: {plan.fallback_reason}."
+        )
+    result = plan.run()
     out, weights = result if want_weights else (result, None)
     return out.transpose(1, 2).contiguous(), weights
 
