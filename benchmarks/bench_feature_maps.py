@@ -48,9 +48,9 @@ from ntk_rankgen_assets import bench
 from ntk_rankgen_assets.models import encoder_path
 from ntk_rankgen_assets.texts import python_reference_docs
 from ntk_rankgen_assets.training import quiet_run
-from peft_ntk.attention import capture_attention_inputs
-from peft_ntk.feature_maps import PositiveRandomFeatures, draw_random_projection, feature_map_and_log_scale
-from peft_ntk.ops import ntk_attention, prefix_state_from_keys_values, softmax_attention_with_lse
+from peft_ntk.ops import ntk_attention_reference, prefix_state_from_keys_values, softmax_attention_with_lse
+from peft_ntk.ops.feature_maps import PositiveRandomFeatures, draw_random_projection, feature_map_and_log_scale
+from peft_ntk.tuner import capture_attention_inputs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULTS = {"prefix_tokens": (128, 384), "query_tokens": (64, 128), "max_r": (512, 8192), "seeds": (2, 5)}
@@ -120,9 +120,9 @@ def errors_for_map(feature_map, layers_prefix, layers_query, layers_cal) -> dict
         )
         base, _, _ = softmax_attention_with_lse(q[None], k[None], v[None], scaling=scaling)
         z, k_sum = prefix_state_from_keys_values(pk, pv, feature_map)
-        ntk = ntk_attention(q[None], k[None], v[None], z, k_sum, scaling=scaling, feature_map=feature_map)
+        ntk = ntk_attention_reference(q[None], k[None], v[None], z, k_sum, scaling=scaling, feature_map=feature_map)
         alpha = calibration_scale(feature_map, cq, pk, k_sum, scaling)
-        ntk_cal = ntk_attention(
+        ntk_cal = ntk_attention_reference(
             q[None], k[None], v[None], z * alpha[:, None, None], k_sum * alpha[:, None], feature_map=feature_map
         )
         ntk_sq += (ntk - true).pow(2).sum().item()

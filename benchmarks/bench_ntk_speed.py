@@ -140,8 +140,10 @@ def _official_ntk_attention(
     dropout=0.0,
     feature_dropout=0.0,
     return_weights=False,
+    feature_query=None,
 ):
-    """Drop-in for ``peft_ntk.ops.ntk_attention``: the paper's literal formula in float32 (dropouts ignored)."""
+    """Drop-in for ``peft_ntk.ops.ntk_attention_reference``: the paper's literal formula in float32 (dropouts
+    ignored)."""
     from peft_ntk.ops import naive_ntk_attention
 
     out = naive_ntk_attention(
@@ -158,10 +160,12 @@ def _official_ntk_attention(
     return (out, None) if return_weights else out
 
 
-def _counting(calls: Counter, name: str, fn):
-    def wrapper(*args, **kwargs):
-        calls[name] += 1
-        return fn(*args, **kwargs)
+def _counting_paths(calls: Counter, run):
+    """Wrap ``AttentionPlan.run``: count the calls per path ("reference", or "fused" for every fused path)."""
+
+    def wrapper(plan):
+        calls["reference" if plan.path == "reference" else "fused"] += 1
+        return run(plan)
 
     return wrapper
 
@@ -182,7 +186,7 @@ def _build_model(task: dict[str, Any]):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import peft_ntk
-    import peft_ntk.attention
+    import peft_ntk.ops.dispatch
 
     variant, device = task["variant"], task["device"]
     dtype = getattr(torch, task["dtype"])
@@ -198,7 +202,9 @@ def _build_model(task: dict[str, Any]):
         backend = {"ntk-fused": "fused", "ntk-reference": "reference", "ntk-official": "reference"}[variant]
         model = get_peft_model(model, peft_ntk.NTKAttentionConfig(task_type="CAUSAL_LM", attention_backend=backend))
         if variant == "ntk-official":
-            patches.enter_context(mock.patch.object(peft_ntk.attention, "ntk_attention", _official_ntk_attention))
+            patches.enter_context(
+                mock.patch.object(peft_ntk.ops.dispatch, "ntk_attention_reference", _official_ntk_attention)
+            )
     elif variant == "lora-r8":
         model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     elif variant.startswith("prefix-m"):
@@ -266,8 +272,9 @@ def run_single(task: dict[str, Any]) -> dict[str, Any]:
     """Measure one (variant, length): build, warm up, time. Never raises; failures are recorded in the result."""
     import torch
 
-    import peft_ntk.attention
-    import peft_ntk.kernels
+    import peft_ntk.ops.dispatch
+    import peft_ntk.ops.fused_attention
+    import peft_ntk.ops.kernels
 
     warnings.simplefilter("ignore", FutureWarning)
     from transformers.utils import logging as hf_logging
@@ -302,15 +309,15 @@ def run_single(task: dict[str, Any]) -> dict[str, Any]:
         with patches:
             for i in range(task["warmup"]):
                 if i == 0:  # record which attention op (and which fused kernel) served the adapted layers
-                    ops = peft_ntk.attention
+                    dispatch = peft_ntk.ops.dispatch
                     kernels_used: Counter = Counter()
-                    select = _recording_kernel_names(kernels_used, peft_ntk.kernels.select_kernel)
+                    select = _recording_kernel_names(kernels_used, peft_ntk.ops.kernels.select_kernel)
                     with (
                         mock.patch.object(
-                            ops, "fused_ntk_attention", _counting(calls, "fused", ops.fused_ntk_attention)
+                            dispatch.AttentionPlan, "run", _counting_paths(calls, dispatch.AttentionPlan.run)
                         ),
-                        mock.patch.object(ops, "ntk_attention", _counting(calls, "reference", ops.ntk_attention)),
-                        mock.patch.object(peft_ntk.kernels, "select_kernel", select),
+                        mock.patch.object(dispatch, "select_kernel", select),
+                        mock.patch.object(peft_ntk.ops.fused_attention, "select_kernel", select),
                     ):
                         step()
                     result["fused_kernels"] = dict(kernels_used)

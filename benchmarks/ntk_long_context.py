@@ -59,8 +59,8 @@ import peft_ntk
 from ntk_rankgen_assets import bench
 from ntk_rankgen_assets.texts import python_reference_docs, split_documents, stdlib_docstrings, token_blocks
 from ntk_rankgen_assets.training import quiet_run, small_llama, train_bpe_tokenizer, train_on_blocks
-from peft_ntk.attention import capture_attention_inputs
 from peft_ntk.ops import softmax_attention_with_lse
+from peft_ntk.tuner import capture_attention_inputs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # option: (quick, full)

@@ -47,9 +47,8 @@ def cuda_time_ms(fn: Callable[[], Any], warmup: int = 3, steps: int = 10) -> flo
 def attention_op_table(length: int, heads: int = 32, kv_heads: int = 8, head_dim: int = 64) -> dict[str, float]:
     import torch.nn.functional as F
 
-    from peft_ntk.kernels import fused_attention_with_lse, fused_ntk_attention
-    from peft_ntk.ops import ntk_prefix_combine
-    from peft_ntk.triton_combine import triton_prefix_combine
+    from peft_ntk.ops import fused_attention_with_lse, fused_ntk_attention, ntk_prefix_combine
+    from peft_ntk.ops.triton_combine import triton_prefix_combine
 
     g = torch.Generator(device="cuda").manual_seed(0)
     dtype = torch.bfloat16

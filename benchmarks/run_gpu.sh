@@ -10,7 +10,7 @@
 # Logs and results go to benchmarks/results/ (gpu_tests.log, ntk_speed_gpu*.json/png). Extra arguments after the
 # stage go to bench_ntk_speed.py (e.g. `bash benchmarks/run_gpu.sh bench --steps 3`).
 # The fused CUDA path passed these tests on an H200 (torch 2.11), so attention_backend="auto" uses it on CUDA
-# (peft_ntk.kernels.CUDA_FUSED_PATH_VALIDATED; docs/fused_kernels.md). Rerun them after changing the CUDA adapters.
+# (peft_ntk.ops.dispatch.CUDA_FUSED_PATH_VALIDATED; docs/fused_kernels.md). Rerun them after changing the CUDA adapters.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}

@@ -13,8 +13,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 import peft_ntk
-from peft_ntk.tools.convert import prefix_keys_values
 from peft_ntk.ops.feature_maps import PositiveRandomFeatures
+from peft_ntk.tools.convert import prefix_keys_values
 
 PREFIX_LEN = 6
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_ops import CASES, case_inputs
+from helpers import CASES, case_inputs
 
 import peft_ntk
 from peft_ntk.ops import ntk_attention, ntk_attention_reference, plan_ntk_attention
@@ -89,4 +89,4 @@ def test_old_module_paths_still_resolve_with_a_warning():
     with pytest.warns(FutureWarning, match="peft_ntk.layer.NTKAttentionLayer moved to peft_ntk.tuner.layer"):
         assert peft_ntk.layer.NTKAttentionLayer is peft_ntk.NTKAttentionLayer
     with pytest.raises(AttributeError, match="has no 'nothing_here'"):
-        importlib.import_module("peft_ntk.kernels").nothing_here
+        _ = importlib.import_module("peft_ntk.kernels").nothing_here

@@ -14,14 +14,19 @@ from safetensors.torch import load_file
 
 import peft_ntk
 from peft_ntk import ops
+from peft_ntk.ops import (
+    PrefixStateAccumulator,
+    fused_ntk_attention,
+    naive_ntk_attention,
+    ntk_attention_reference,
+    prefix_state_from_keys_values,
+)
 from peft_ntk.ops.feature_maps import (
     PositiveRandomFeatures,
     draw_random_projection,
     elu_feature_map,
     feature_map_and_log_scale,
 )
-from peft_ntk.ops import fused_ntk_attention
-from peft_ntk.ops import PrefixStateAccumulator, naive_ntk_attention, ntk_attention_reference, prefix_state_from_keys_values
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -109,7 +114,9 @@ def test_favor_attention_matches_float64_reference_even_for_large_queries():
     for scale in (0.5, 3.0, 12.0, 40.0):
         q, k, v, z, kvec = random_inputs(scale=scale)
         expected = log_domain_reference(q, k, v, z, kvec, phi)
-        assert torch.allclose(ntk_attention_reference(q, k, v, z, kvec, is_causal=True, feature_map=phi), expected, rtol=1e-9)
+        assert torch.allclose(
+            ntk_attention_reference(q, k, v, z, kvec, is_causal=True, feature_map=phi), expected, rtol=1e-9
+        )
         # float32, where for scale >= 12 the plain exponential features underflow or overflow on their own
         phi32 = PositiveRandomFeatures(phi.projection.float())
         got = ntk_attention_reference(*(t.float() for t in (q, k, v, z, kvec)), is_causal=True, feature_map=phi32)

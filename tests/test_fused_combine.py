@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_ntk.ops import fused_ntk_attention
+from peft_ntk.ops import fused_ntk_attention, ntk_attention_reference, ntk_prefix_combine
 from peft_ntk.ops.feature_maps import PositiveRandomFeatures, draw_random_projection, feature_map_has_trainable_state
 from peft_ntk.ops.torch_combine import fused_prefix_combine
-from peft_ntk.ops import ntk_attention_reference, ntk_prefix_combine
 
 B, H, L, D = 2, 3, 7, 8
 

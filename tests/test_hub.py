@@ -26,8 +26,13 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import PushToHubMixin
 
 import peft_ntk
-from peft_ntk.hub import disable_hub_integration, enable_hub_integration, explain_hub_error, hub_integration_enabled
-from peft_ntk.hub import model_card
+from peft_ntk.hub import (
+    disable_hub_integration,
+    enable_hub_integration,
+    explain_hub_error,
+    hub_integration_enabled,
+    model_card,
+)
 
 # PEFT's own methods (import peft_ntk wraps the card hook; config loading stays PEFT's unless asked for)
 PEFT_CREATE_CARD = PeftModel.create_or_update_model_card.__wrapped__

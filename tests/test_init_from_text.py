@@ -17,8 +17,8 @@ import peft_ntk
 from ntk_rankgen_assets.texts import python_reference_docs
 from ntk_rankgen_assets.training import train_bpe_tokenizer
 from peft_ntk import init_from_text
-from peft_ntk.ops.feature_maps import PositiveRandomFeatures
 from peft_ntk.ops import prefix_state_from_keys_values
+from peft_ntk.ops.feature_maps import PositiveRandomFeatures
 
 CONTEXT = 32  # the tiny model's context window; the texts below are several times longer
 

@@ -8,8 +8,13 @@ from helpers import CASES, case_inputs, make_inputs, padding_mask, tiny_llama_nt
 from torch.profiler import ProfilerActivity, profile
 
 import peft_ntk
-from peft_ntk.ops import fused_attention_with_lse, fused_ntk_attention
-from peft_ntk.ops import masked_scores, ntk_attention_reference, softmax_attention_with_lse
+from peft_ntk.ops import (
+    fused_attention_with_lse,
+    fused_ntk_attention,
+    masked_scores,
+    ntk_attention_reference,
+    softmax_attention_with_lse,
+)
 
 TOLERANCES = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2}
 

@@ -14,9 +14,15 @@ from transformers.utils import logging as hf_logging
 
 import peft_ntk
 import peft_ntk.ops.dispatch
-from peft_ntk.ops import dispatch, fused_attention, kernels
-from peft_ntk.ops import fused_attention_with_lse, fused_ntk_attention
-from peft_ntk.ops import ntk_attention_reference, softmax_attention_with_lse
+from peft_ntk.ops import (
+    dispatch,
+    fused_attention,
+    fused_attention_with_lse,
+    fused_ntk_attention,
+    kernels,
+    ntk_attention_reference,
+    softmax_attention_with_lse,
+)
 
 pytestmark = [
     pytest.mark.gpu,

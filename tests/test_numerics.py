@@ -16,8 +16,7 @@ import pytest
 import torch
 from helpers import make_inputs, padding_mask
 
-from peft_ntk.ops import fused_ntk_attention
-from peft_ntk.ops import masked_scores, ntk_attention_reference
+from peft_ntk.ops import fused_ntk_attention, masked_scores, ntk_attention_reference
 
 F64 = torch.float64
 D = 8

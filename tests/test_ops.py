@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from helpers import CASES, F64, case_inputs, make_inputs, padding_mask
 
 import peft_ntk
-from peft_ntk.ops import causal_mask, elu_feature_map, naive_ntk_attention, ntk_attention_reference, prefix_state_from_keys_values
+from peft_ntk.ops import (
+    causal_mask,
+    elu_feature_map,
+    naive_ntk_attention,
+    ntk_attention_reference,
+    prefix_state_from_keys_values,
+)
 
 
 def logspace_reference(q, k, v, z, kvec, mask=None, is_causal=False, scaling=None):
@@ -173,7 +179,9 @@ def test_half_precision_inputs_are_computed_in_float32(dtype):
     q, k, v, z, kvec = make_inputs(dtype=torch.float32, scale=10.0)
     out = ntk_attention_reference(q.to(dtype), k.to(dtype), v.to(dtype), z, kvec, is_causal=True)
     assert out.dtype == dtype
-    ref = ntk_attention_reference(q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float(), z, kvec, is_causal=True)
+    ref = ntk_attention_reference(
+        q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float(), z, kvec, is_causal=True
+    )
     # Only the final cast rounds: the error is one ulp of the output dtype, not an accumulation.
     torch.testing.assert_close(out.float(), ref, rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps)
 
@@ -199,7 +207,10 @@ def test_attention_dropout_only_touches_real_keys():
     # with all of V zero the dropped real-key term vanishes, so dropout cannot change anything
     zero_v = torch.zeros_like(v)
     torch.testing.assert_close(
-        ntk_attention_reference(q, k, zero_v, z, kvec, dropout=0.5), ntk_attention_reference(q, k, zero_v, z, kvec), rtol=0, atol=1e-14
+        ntk_attention_reference(q, k, zero_v, z, kvec, dropout=0.5),
+        ntk_attention_reference(q, k, zero_v, z, kvec),
+        rtol=0,
+        atol=1e-14,
     )
 
 
@@ -277,7 +288,8 @@ def test_registration_is_idempotent():
     from peft.utils import PeftType
 
     members = list(PeftType)
-    importlib.reload(importlib.import_module("peft_ntk.registration"))
+    importlib.reload(importlib.import_module("peft_ntk.tuner.peft_type"))
+    importlib.reload(importlib.import_module("peft_ntk.tuner.registration"))
     peft_ntk.register_with_peft()
     peft_ntk.register_attention_functions()
     assert list(PeftType) == members
