@@ -5,7 +5,7 @@ A :class:`MethodPatch` names the class, the attribute and a factory that builds 
 own attribute, or nothing where the method was inherited. Plain functions, classmethods and staticmethods are all
 handled, and the replacement exposes the original as ``__wrapped__``.
 
-Nothing is patched at import: each patch is applied by the function that documents it.
+Importing this module patches nothing: each patch is applied by the function that documents it.
 """
 
 from __future__ import annotations

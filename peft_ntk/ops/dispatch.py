@@ -260,22 +260,22 @@ def plan_ntk_attention(
                 query, key, value, z, attention_mask, is_causal, feature_map, feature_dropout, feature_query
             )
     return AttentionPlan(
-        path,
-        reason,
-        query,
-        key,
-        value,
-        z,
-        k,
-        attention_mask,
-        is_causal,
-        scaling,
-        feature_map,
-        dropout,
-        feature_dropout,
-        return_weights,
-        feature_query,
-        kernel,
+        path=path,
+        fallback_reason=reason,
+        query=query,
+        key=key,
+        value=value,
+        z=z,
+        k=k,
+        attention_mask=attention_mask,
+        is_causal=is_causal,
+        scaling=scaling,
+        feature_map=feature_map,
+        dropout=dropout,
+        feature_dropout=feature_dropout,
+        return_weights=return_weights,
+        feature_query=feature_query,
+        kernel=kernel,
     )
 
 
