@@ -9,7 +9,8 @@ Python's reference documentation (``pydoc_data.topics``, every 10th topic held o
 learning curves; NTK runs also log the prefix's share of attention per layer (``peft_ntk.NTKDiagnosticsCallback``).
 
 Methods: ``ntk`` (the default config: zeros init), ``ntk-small-random`` (the paper's N(0,1)·1e-4 init),
-``ntk-pre-rope`` (phi on the query before its rotary embedding), ``lora`` (r=8, alpha 16, q_proj and v_proj) and
+``ntk-pre-rope`` (phi on the query before its rotary embedding), ``ntk-relative`` (``prefix_mass="relative"``: the
+real keys' mass counted as 1, so no row is taken over by the prefix), ``lora`` (r=8, alpha 16, q_proj and v_proj) and
 ``lora-qkvo`` (r=8 on all four projections: about NTK's trainable-parameter count on SmolLM2).
 
 Output: a table (mean ± std over seeds, trainable parameters, seconds), ``causal_lm_adaptation[_quick].json`` and a
@@ -43,6 +44,7 @@ METHODS = {
     "ntk": dict(),
     "ntk-small-random": dict(init_weights="small_random"),
     "ntk-pre-rope": dict(query_features="pre_rope"),
+    "ntk-relative": dict(prefix_mass="relative"),
     "lora": ["q_proj", "v_proj"],
     "lora-qkvo": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }

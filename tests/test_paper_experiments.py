@@ -276,12 +276,14 @@ def test_lr_is_chosen_on_validation_and_test_is_read_at_the_end(monkeypatch):
     # lr 0.1 looks best on test but worst on validation: validation must win.
     table = {0.1: (0.2, 0.9), 0.01: (0.8, 0.5)}
 
-    def fake_train_once(method, runtime, lr, seed, s):
+    def fake_train_once(method, runtime, lr, seed, s, head_lr=None):
         val, test = table[lr]
         return {
             "method": method,
             "lr": lr,
+            "head_lr": head_lr,
             "seed": seed,
+            "curve": [{"step": 10, "loss": 1.0, "val_acc": val - 0.1}, {"step": 40, "loss": 0.5, "val_acc": val}],
             "val_acc": val,
             "test_acc": test + 0.01 * seed,
             "train_s": 1.0,
@@ -292,11 +294,54 @@ def test_lr_is_chosen_on_validation_and_test_is_read_at_the_end(monkeypatch):
 
     monkeypatch.setattr(ft, "train_once", fake_train_once)
     s = ft.Settings(seeds=(0, 1, 2), lr_grid={"ntk": (0.1, 0.01)})
-    res = ft.run_method("ntk", runtime=None, s=s, log=lambda _: None)
-    assert res["best_lr"] == 0.01
+    res = ft.run_method("ntk", runtime=None, s=s, log=lambda _: None, head_lr=0.5)
+    assert res["best_lr"] == 0.01 and res["head_lr"] == 0.5
+    assert res["curve"] == [
+        {"step": 10, "loss": 1.0, "val_acc": pytest.approx(0.7)},
+        {"step": 40, "loss": 0.5, "val_acc": 0.8},
+    ]
+    assert res["val_gain_last_quarter"] == pytest.approx(0.1)
     assert [r["lr"] for r in res["runs"]] == [0.01, 0.01, 0.01] and [r["seed"] for r in res["runs"]] == [0, 1, 2]
     assert res["test_acc_mean"] == pytest.approx(0.51)
     assert res["test_acc_std"] == pytest.approx(0.01)
+
+
+def test_the_head_has_its_own_learning_rate_tuned_once_on_the_probe_and_shared(monkeypatch, tiny_bert):
+    from transformers import AutoModelForSequenceClassification
+
+    ft = load("paper_finetune")
+    torch.manual_seed(0)
+    model = ft.apply_method("ntk", AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3), "text")
+    adapter, head = ft.parameter_groups(model, lr=0.01, head_lr=0.3)
+    assert adapter["lr"] == 0.01 and head["lr"] == 0.3
+    assert {id(p) for p in head["params"]} == ft.head_parameter_ids(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("ntk_" in names[id(p)] for p in adapter["params"]) and len(adapter["params"]) == 2 * 2
+    probe = ft.apply_method("head", AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3), "text")
+    (only_head,) = ft.parameter_groups(probe, lr=0.01, head_lr=0.3)
+    assert only_head["lr"] == 0.3 and {id(p) for p in only_head["params"]} == ft.head_parameter_ids(probe)
+
+    # The head's rate is chosen once, on the head-only probe's validation accuracy, then given to every method.
+    calls = []
+
+    def fake_run_method(method, runtime, s, log, head_lr=None):
+        calls.append((method, head_lr, tuple(ft.learning_grid(method, s))))
+        best = 0.1 if method == "head" else 0.01
+        return {"best_lr": best, "trainable_params": 1, "train_s_mean": 1.0, "test_acc_mean": 0.5, "test_acc_std": 0.0}
+
+    monkeypatch.setattr(ft, "run_method", fake_run_method)
+    monkeypatch.setattr(ft, "print_table", lambda results: None)
+    monkeypatch.setattr(ft.bench, "save_report", lambda *a, **k: None)
+    args = ["--task", "text", "--model", tiny_bert, "--per-class", "10", "--methods", "ntk", "lora", "head"]
+    report = ft.main(args)["text"]
+    assert calls[0] == ("head", None, (1e-2, 3e-2, 1e-1))
+    assert calls[1:] == [("ntk", 0.1, ft.CPU_LRS["ntk"]), ("lora", 0.1, ft.CPU_LRS["lora"])]
+    assert list(report["results"]) == ["ntk", "lora", "head"] and report["head_lr"] == 0.1
+    calls.clear()
+    ft.main(args[:-4] + ["--methods", "ntk", "--head-lr", "0.2"])
+    assert calls == [("ntk", 0.2, ft.CPU_LRS["ntk"])]  # given: not tuned, and no probe run unless asked for
+    with pytest.raises(SystemExit, match="--head-lr must be a positive"):
+        ft.main(args + ["--head-lr", "0"])
 
 
 def test_hub_datasets_load_through_datasets_and_keep_the_official_split_for_test(monkeypatch):
@@ -371,7 +416,10 @@ def test_quick_finetune_run_reports_every_method_offline(tmp_path, monkeypatch, 
         for method, r in saved["results"].items():
             assert 0.0 <= r["test_acc_mean"] <= 1.0 and r["test_acc_std"] >= 0
             assert [run["seed"] for run in r["runs"]] == [0, 1]
-            assert r["best_lr"] in saved["settings"]["lr_grid"][method]
+            grid = saved["settings"]["head_lr_grid" if method == "head" else "lr_grid"]
+            assert r["best_lr"] in (grid if method == "head" else grid[method])
+            assert r["head_lr"] == saved["head_lr"] and r["curve"][-1]["step"] == 3
+            assert [point["step"] for point in r["runs"][0]["curve"]] == [3]
             assert r["trainable_params"] > r["trainable_params_without_head"] or method == "head"
     assert text["dataset"]["name"] == "stdlib-docstrings" and text["dataset"]["sizes"]["test"] == 2 * 8
     assert image["extra"]["pretraining"]["pretrain_steps"] == 5

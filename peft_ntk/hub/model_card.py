@@ -289,7 +289,7 @@ def ntk_model_card_section(model: PeftModel, repo_id: Optional[str] = None) -> s
         lines += [
             f"- **Adapter `{name}`:** {count:,} trainable parameters{share}; task type `{_task_type(config)}`; "
             f"target modules `{targets}`; feature map `{config.feature_map}`; "
-            f"init `{getattr(config, 'init_weights', None)}`"
+            f"init `{getattr(config, 'init_weights', None)}`; prefix mass `{getattr(config, 'prefix_mass', 'paper')}`"
             + (f"; modules saved whole `{sorted(config.modules_to_save)}`" if config.modules_to_save else ""),
         ]
     lines += [

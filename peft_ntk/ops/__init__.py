@@ -31,6 +31,7 @@ from .reference import (
     ntk_attention_reference,
     ntk_combine,
     ntk_prefix_combine,
+    relative_prefix_combine,
     softmax_attention_with_lse,
 )
 
@@ -58,6 +59,7 @@ __all__ = [
     "plan_ntk_attention",
     "prefix_state_from_keys_values",
     "register_feature_map",
+    "relative_prefix_combine",
     "relu_feature_map",
     "repeat_kv_heads",
     "softmax_attention_with_lse",

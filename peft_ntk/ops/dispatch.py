@@ -14,6 +14,7 @@ reference every path is tested against, and differ from it only by rounding:
 ``"fused+triton-combine"`` CUDA, built-in map: (O, LSE) from a fused kernel, then the two Triton combine kernels
 ``"fused+torch-combine"``  (O, LSE) from a fused kernel (CPU flash or CUDA), then one torch autograd Function
 ``"fused+autograd-combine"`` as above with the combine left to autograd: feature dropout, or a learned feature map
+``"fused+relative-combine"`` ``prefix_mass="relative"``: O from a fused kernel, the relative combine left to autograd
 ``"fused"``                no prefix state (plain attention) from a fused kernel
 ``"reference"``            scores materialised: attention dropout, attention weights, devices without a fused kernel
 =========================  ===========================================================================================
@@ -31,7 +32,7 @@ from .common import check_feature_query, check_inputs, compute_dtype_for, repeat
 from .feature_maps import FeatureMap, feature_map_has_trainable_state
 from .fused_attention import fused_attention_with_lse
 from .kernels import FusedKernel, cuda_kernel_for, device_unavailable_reason, select_kernel
-from .reference import ntk_attention_reference, ntk_prefix_combine
+from .reference import ntk_attention_reference, ntk_prefix_combine, prefix_combine_for, relative_prefix_combine
 from .torch_combine import fused_prefix_combine
 from .triton_combine import triton_combine_unavailable_reason, triton_ntk_attention, triton_prefix_combine
 
@@ -43,7 +44,15 @@ logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: i
 CUDA_FUSED_PATH_VALIDATED = True
 
 BACKENDS = ("auto", "fused", "reference")
-PATHS = ("fused-triton", "fused+triton-combine", "fused+torch-combine", "fused+autograd-combine", "fused", "reference")
+PATHS = (
+    "fused-triton",
+    "fused+triton-combine",
+    "fused+torch-combine",
+    "fused+autograd-combine",
+    "fused+relative-combine",
+    "fused",
+    "reference",
+)
 
 
 def fused_path_unavailable_reason(
@@ -114,6 +123,7 @@ class AttentionPlan:
     return_weights: bool
     feature_query: Optional[torch.Tensor]
     kernel: Optional[FusedKernel] = None
+    prefix_mass: str = "paper"
 
     def run(self) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         if self.path == "reference":
@@ -131,6 +141,7 @@ class AttentionPlan:
                 feature_dropout=self.feature_dropout,
                 return_weights=self.return_weights,
                 feature_query=self.feature_query,
+                prefix_mass=self.prefix_mass,
             )
         if self.path == "fused-triton":
             return self._run_one_function()
@@ -166,7 +177,8 @@ class AttentionPlan:
             is_causal=self.is_causal,
             scaling=self.scaling,
             kernel=self.kernel,
-            lse_gradient="unchecked_out" if self.z is not None else "auto",
+            # The relative combine reads LSE only where it is -inf (no keys), with no gradient.
+            lse_gradient="unchecked_out" if self.z is not None and self.prefix_mass == "paper" else "auto",
         )
         if self.path == "fused":
             return attn_out.to(out_dtype)
@@ -177,7 +189,8 @@ class AttentionPlan:
         if self.path == "fused+torch-combine":
             return fused_prefix_combine(*args, feature_map=self.feature_map, out_dtype=out_dtype)
         dtype = compute_dtype_for(out_dtype)
-        out, _ = ntk_prefix_combine(
+        combine = relative_prefix_combine if self.path == "fused+relative-combine" else ntk_prefix_combine
+        out, _ = combine(
             attn_out.to(dtype),
             lse.to(dtype),
             phi_query,
@@ -199,10 +212,13 @@ def _fused_path(
     feature_map: Union[str, FeatureMap],
     feature_dropout: float,
     feature_query: Optional[torch.Tensor],
+    prefix_mass: str = "paper",
 ) -> str:
     """Which fused path serves a call that a fused kernel can take."""
     if z is None:
         return "fused"
+    if prefix_mass == "relative":
+        return "fused+relative-combine"
     q_len, head_dim, value_dim = query.shape[2], query.shape[-1], value.shape[-1]
     triton_ok = query.is_cuda and triton_combine_unavailable_reason(query, value_dim, feature_map) is None
     if feature_dropout == 0.0 and triton_ok:
@@ -238,6 +254,7 @@ def plan_ntk_attention(
     feature_query: Optional[torch.Tensor] = None,
     backend: str = "auto",
     kernel: Optional[FusedKernel] = None,
+    prefix_mass: str = "paper",
 ) -> AttentionPlan:
     """Check the inputs and decide the path of one call (arguments as :func:`ntk_attention`).
 
@@ -247,6 +264,7 @@ def plan_ntk_attention(
         raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
     check_inputs(query, key, value, z, k, attention_mask)
     check_feature_query(feature_query, query)
+    prefix_combine_for(prefix_mass)  # a clear error for an unknown prefix_mass
     path, reason = "reference", None
     if backend != "reference":
         reason = fused_path_unavailable_reason(query, dropout, return_weights, attention_mask)
@@ -257,7 +275,16 @@ def plan_ntk_attention(
             )
         if reason is None and (backend == "fused" or auto_uses_fused_path(query)):
             path = _fused_path(
-                query, key, value, z, attention_mask, is_causal, feature_map, feature_dropout, feature_query
+                query,
+                key,
+                value,
+                z,
+                attention_mask,
+                is_causal,
+                feature_map,
+                feature_dropout,
+                feature_query,
+                prefix_mass,
             )
     return AttentionPlan(
         path=path,
@@ -276,6 +303,7 @@ def plan_ntk_attention(
         return_weights=return_weights,
         feature_query=feature_query,
         kernel=kernel,
+        prefix_mass=prefix_mass,
     )
 
 
@@ -295,6 +323,7 @@ def ntk_attention(
     return_weights: bool = False,
     feature_query: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    prefix_mass: str = "paper",
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """NTK-Attention: softmax attention plus a trained, infinitely long virtual prefix, on the fastest exact path.
 
@@ -315,6 +344,7 @@ def ntk_attention(
             rotary embedding).
         backend: ``"auto"`` (a fused kernel where one serves the call, else the reference), ``"fused"`` (a
             ValueError where none can) or ``"reference"`` (scores materialised).
+        prefix_mass: ``"paper"`` or ``"relative"``, as :func:`~peft_ntk.ops.reference.ntk_attention_reference`.
 
     On the fused paths memory grows linearly with the sequence length when no mask is materialised. Half-precision
     inputs are computed in float32 where the path combines, and the output has the query's dtype.
@@ -344,6 +374,7 @@ def ntk_attention(
         return_weights=return_weights,
         feature_query=feature_query,
         backend=backend,
+        prefix_mass=prefix_mass,
     ).run()
 
 
@@ -361,6 +392,7 @@ def fused_ntk_attention(
     feature_dropout: float = 0.0,
     kernel: Optional[FusedKernel] = None,
     feature_query: Optional[torch.Tensor] = None,
+    prefix_mass: str = "paper",
 ) -> torch.Tensor:
     """:func:`ntk_attention` on a fused path, forced (a ValueError where none can serve), optionally on a given
     :class:`~peft_ntk.ops.kernels.FusedKernel`: what the kernel tests use."""
@@ -378,4 +410,5 @@ def fused_ntk_attention(
         feature_query=feature_query,
         backend="fused",
         kernel=kernel,
+        prefix_mass=prefix_mass,
     ).run()

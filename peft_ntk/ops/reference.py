@@ -12,6 +12,14 @@ NTK-Attention adds a virtual, infinitely long prefix to softmax attention. With 
 
 It is evaluated in the stable (O, LSE) form, from the ordinary attention output ``O`` and the log-sum-exp ``LSE``
 of the scores, so raw logits are never exponentiated (see :func:`ntk_combine`).
+
+``prefix_mass="relative"`` measures the prefix's mass against the input's instead of adding it to ``Σ_j e^{s_ij}``
+(:func:`relative_prefix_combine`)::
+
+    out_i = (O_i + φ̂(q_i)ᵀ Z) / (1 + φ̂(q_i)ᵀ k),    φ̂ = phi / Σ_r phi_r
+
+The prefix's share of a row is then ``φ̂ᵀk / (1 + φ̂ᵀk)`` whatever the row's ``e^LSE``, and Adam steps of size lr move
+it and the prefix value by about lr from the start.
 """
 
 from __future__ import annotations
@@ -147,6 +155,48 @@ def ntk_prefix_combine(
     return ntk_combine(attn_out, lse, phi, z.to(attn_out.dtype), k.to(attn_out.dtype))
 
 
+PREFIX_MASSES = ("paper", "relative")
+
+
+def relative_prefix_combine(
+    attn_out: torch.Tensor,
+    lse: torch.Tensor,
+    query: torch.Tensor,
+    z: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    feature_map: Union[str, FeatureMap] = "elu",
+    feature_dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prefix with ``prefix_mass="relative"``: ``(O + φ̂ᵀZ) / (1 + φ̂ᵀk)`` with ``φ̂ = phi(q) / Σ phi(q)``.
+
+    The real keys count as mass 1 whatever their ``e^LSE``: a row with few or weakly matching keys gets no more of the
+    prefix than any other. A row with no allowed key (``LSE = -inf``) attends to the prefix alone, as in
+    :func:`ntk_combine`. ``phi`` normalised to sum 1 makes the result independent of the map's overall scale (a
+    stabilised map's ``e^c`` cancels); a row whose ``phi`` is all zeros (possible with 'relu') gets no prefix.
+
+    Args and returns as :func:`ntk_prefix_combine`; ``lse`` is only read for rows without keys.
+    """
+    phi, _ = feature_map_and_log_scale(feature_map, query.to(attn_out.dtype))
+    if feature_dropout > 0.0:
+        phi = F.dropout(phi, p=feature_dropout)
+    total = phi.sum(dim=-1, keepdim=True)
+    tiny = torch.finfo(phi.dtype).tiny
+    phi = phi / torch.where(total > tiny, total, torch.ones((), dtype=phi.dtype, device=phi.device))
+    no_keys = torch.isneginf(lse.detach())
+    relative_lse = torch.where(no_keys, lse.detach(), torch.zeros((), dtype=attn_out.dtype, device=attn_out.device))
+    return ntk_combine(attn_out, relative_lse.to(attn_out.dtype), phi, z.to(attn_out.dtype), k.to(attn_out.dtype))
+
+
+def prefix_combine_for(prefix_mass: str):
+    """The combine of a ``prefix_mass``: :func:`ntk_prefix_combine` ("paper") or :func:`relative_prefix_combine`."""
+    if prefix_mass == "paper":
+        return ntk_prefix_combine
+    if prefix_mass == "relative":
+        return relative_prefix_combine
+    raise ValueError(f"prefix_mass={prefix_mass!r} is not supported; use one of {PREFIX_MASSES}.")
+
+
 def ntk_attention_reference(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -162,6 +212,7 @@ def ntk_attention_reference(
     feature_dropout: float = 0.0,
     return_weights: bool = False,
     feature_query: Optional[torch.Tensor] = None,
+    prefix_mass: str = "paper",
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """NTK-Attention: softmax attention plus a trained, infinitely long virtual prefix (reference implementation).
 
@@ -180,6 +231,8 @@ def ntk_attention_reference(
             attention that is *not* on the virtual prefix.
         feature_query: (B, H, Lq, d) what phi is applied to, when not ``query`` itself (e.g. the query before its
             rotary embedding, so that the prefix term does not depend on absolute positions).
+        prefix_mass: ``"paper"`` (the prefix's mass adds to the real keys' ``Σ e^s``) or ``"relative"`` (the real keys
+            count as mass 1; see :func:`relative_prefix_combine`).
 
     Half-precision inputs are computed in float32 and the output is cast back to the query's dtype.
 
@@ -195,6 +248,7 @@ def ntk_attention_reference(
     """
     check_inputs(query, key, value, z, k, attention_mask)
     check_feature_query(feature_query, query)
+    combine = prefix_combine_for(prefix_mass)
     out_dtype = query.dtype
     dtype = compute_dtype_for(query.dtype)
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
@@ -205,7 +259,7 @@ def ntk_attention_reference(
     if z is None:
         out, weights = attn_out, probs
     else:
-        out, real_mass = ntk_prefix_combine(
+        out, real_mass = combine(
             attn_out,
             lse,
             query if feature_query is None else feature_query.to(dtype),

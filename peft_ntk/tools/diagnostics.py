@@ -1,7 +1,8 @@
 """What an NTK adapter is doing while it trains: per layer, the prefix's share of attention, |Z|, |k| and gradients.
 
-The prefix's share of attention in a row is ``1 − w = a / (a + e^LSE)`` with ``a = φ(q)ᵀk``: the quantity that bounds
-how much the adapter can change the layer's output, and how large its gradients are.
+The prefix's share of attention in a row is ``1 − w = a / (a + e^LSE)`` with ``a = φ(q)ᵀk`` (``prefix_mass="relative"``:
+``a / (a + 1)`` with ``φ`` normalised to sum 1): the quantity that bounds how much the adapter can change the layer's
+output, and how large its gradients are.
 """
 
 from __future__ import annotations
@@ -48,10 +49,15 @@ def prefix_attention_share(model: torch.nn.Module, **inputs: Any) -> list[dict[s
         lse = torch.logsumexp(scores, dim=-1)
         features = query_before_rotary(module, query).to(dtype) if state.query_features == "pre_rope" else q
         phi, log_scale = feature_map_and_log_scale(state.feature_map, features)
+        if state.prefix_mass == "relative":  # phi normalised to sum 1, the real keys' mass counted as 1
+            phi, log_scale = phi / phi.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny), None
+            real_log_mass = torch.where(torch.isneginf(lse), lse, torch.zeros_like(lse))
+        else:
+            real_log_mass = lse
         log_a = torch.log(torch.einsum("bhlr,hr->bhl", phi, state.k.to(dtype)))  # log 0 = -inf: share 0
         if log_scale is not None:
             log_a = log_a + log_scale
-        share = torch.sigmoid(log_a - lse).flatten().float()
+        share = torch.sigmoid(log_a - real_log_mass).flatten().float()
         finite = torch.isfinite(lse).flatten()
         share = share[finite] if finite.any() else share
         shares.append(

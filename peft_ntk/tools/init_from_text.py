@@ -297,6 +297,13 @@ def _checked_arguments(
             f"chunk_size={chunk_size} exceeds the model's context window ({window} positions); every chunk starts at "
             "position 0, so pass chunk_size <= the context window."
         )
+    config = getattr(peft_model, "peft_config", {}).get(adapter_name)
+    if getattr(config, "prefix_mass", "paper") != "paper":
+        raise ValueError(
+            f"init_from_text writes the prefix made of the text's own tokens, whose mass adds to the input's keys: "
+            f"that is prefix_mass='paper', and adapter {adapter_name!r} has prefix_mass={config.prefix_mass!r}. "
+            "Create the adapter with NTKAttentionConfig(prefix_mass='paper') to initialise it from text."
+        )
     return calibrate, adapter_name, chunk_size
 
 

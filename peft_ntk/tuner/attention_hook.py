@@ -186,6 +186,7 @@ def ntk_attention_forward(
         return_weights=want_weights,
         feature_query=query_before_rotary(module, query) if state.query_features == "pre_rope" else None,
         backend=state.attention_backend,
+        prefix_mass=state.prefix_mass,
     )
     if plan.fallback_reason is not None:
         logger.warning_once(

@@ -11,6 +11,7 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 
 from ..ops.feature_maps import FEATURE_MAPS, RANDOM_FEATURE_MAPS, is_known_feature_map
+from ..ops.reference import PREFIX_MASSES
 from .peft_type import NTK_PEFT_TYPE
 
 INIT_CHOICES = ("small_random", "zeros", "random")
@@ -116,6 +117,16 @@ class NTKAttentionConfig(PeftConfig):
             "batch then gives the same logits without position ids). Models without rotary embeddings: the same."
         },
     )
+    prefix_mass: str = field(
+        default="paper",
+        metadata={
+            "help": "How the prefix's mass enters each row. 'paper': phi(q)ᵀk adds to the real keys' Σ e^s, as an "
+            "infinitely long prefix would; a row whose keys have little mass (e.g. the first positions of a causal "
+            "model) is then taken over by the prefix. 'relative': the real keys count as mass 1 and phi is normalised "
+            "to sum 1, so the prefix's share φ̂ᵀk / (1 + φ̂ᵀk) is the same function of q in every row, and Adam moves "
+            "it by about lr per step from the zeros init. Adapters saved without this field load as 'paper'."
+        },
+    )
     feature_dropout: float = field(
         default=0.0,
         metadata={"help": "Dropout probability on phi(query) during training; off in eval mode."},
@@ -166,6 +177,8 @@ class NTKAttentionConfig(PeftConfig):
                 f"init_weights={self.init_weights!r} is not supported; use one of {INIT_CHOICES}, True (= 'zeros') or "
                 "False (= 'random')."
             )
+        if self.prefix_mass not in PREFIX_MASSES:
+            raise ValueError(f"prefix_mass={self.prefix_mass!r} is not supported; use one of {PREFIX_MASSES}.")
         if self.query_features not in QUERY_FEATURES:
             raise ValueError(f"query_features={self.query_features!r} is not supported; use one of {QUERY_FEATURES}.")
         if not _is_number(self.feature_dropout) or not 0.0 <= self.feature_dropout < 1.0:
@@ -198,6 +211,15 @@ class NTKAttentionConfig(PeftConfig):
         if os.path.isdir(folder) and _called_by_peft_adapter_loader():
             check_adapter_weights(folder)
         return config
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        # Called by PeftConfig.from_pretrained with a saved adapter_config.json: one saved before prefix_mass
+        # existed was trained with the paper's mass, whatever the default is now.
+        kwargs = super().check_kwargs(**kwargs)
+        if kwargs.get("peft_type") in (NTK_PEFT_TYPE, str(NTK_PEFT_TYPE)) and "prefix_mass" not in kwargs:
+            kwargs["prefix_mass"] = "paper"
+        return kwargs
 
     @property
     def init_mode(self) -> str:

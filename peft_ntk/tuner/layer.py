@@ -84,6 +84,7 @@ class PrefixState:
     feature_dropout: float
     attention_backend: str
     query_features: str = "post_rope"  # what phi sees: the query after ("post_rope") or before ("pre_rope") RoPE
+    prefix_mass: str = "paper"  # "paper": phi(q)ᵀk adds to Σ e^s; "relative": the real keys count as mass 1
 
 
 def _attention_shape(module: nn.Module) -> tuple[int, int]:
@@ -128,6 +129,7 @@ class NTKAttentionLayer(nn.Module, BaseTunerLayer):
         "ntk_feature_dropout",
         "ntk_attention_backend",
         "ntk_query_features",
+        "ntk_prefix_mass",
     )
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: NTKAttentionConfig) -> None:
@@ -142,6 +144,7 @@ class NTKAttentionLayer(nn.Module, BaseTunerLayer):
         self.ntk_feature_dropout: dict[str, float] = {}
         self.ntk_attention_backend: dict[str, str] = {}
         self.ntk_query_features: dict[str, str] = {}
+        self.ntk_prefix_mass: dict[str, str] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
@@ -172,6 +175,7 @@ class NTKAttentionLayer(nn.Module, BaseTunerLayer):
         self.ntk_feature_dropout[adapter_name] = config.feature_dropout
         self.ntk_attention_backend[adapter_name] = config.attention_backend
         self.ntk_query_features[adapter_name] = config.query_features
+        self.ntk_prefix_mass[adapter_name] = config.prefix_mass
         self.reset_ntk_parameters(adapter_name, config.init_mode, config.init_scale)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -238,6 +242,12 @@ class NTKAttentionLayer(nn.Module, BaseTunerLayer):
                 f"active NTK adapters {names} apply phi to different queries ({sorted(query_features)}); their "
                 "prefixes cannot be combined. Activate one of them with set_adapter(name)."
             )
+        prefix_masses = {self.ntk_prefix_mass.get(name, "paper") for name in names}
+        if len(prefix_masses) > 1:
+            raise ValueError(
+                f"active NTK adapters {names} use different prefix_mass settings ({sorted(prefix_masses)}); their "
+                "prefixes cannot be combined. Activate one of them with set_adapter(name)."
+            )
         return PrefixState(
             z=z,
             k=k,
@@ -245,6 +255,7 @@ class NTKAttentionLayer(nn.Module, BaseTunerLayer):
             feature_dropout=dropout,
             attention_backend=backend,
             query_features=query_features.pop(),
+            prefix_mass=prefix_masses.pop(),
         )
 
     def effective_prefix(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
