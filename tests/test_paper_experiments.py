@@ -421,6 +421,13 @@ def test_quick_finetune_run_reports_every_method_offline(tmp_path, monkeypatch, 
             assert r["head_lr"] == saved["head_lr"] and r["curve"][-1]["step"] == 3
             assert [point["step"] for point in r["runs"][0]["curve"]] == [3]
             assert r["trainable_params"] > r["trainable_params_without_head"] or method == "head"
+    for method, r in image["results"].items():  # the ViT's inputs never pad, so every NTK point has the share
+        if method in ft.NTK_VARIANTS:
+            assert all(
+                0 <= point["prefix_share"] <= 1 and 0 <= point["prefix_share_p90_max"] <= 1 for point in r["curve"]
+            )
+        else:
+            assert all("prefix_share" not in point for point in r["curve"])
     assert text["dataset"]["name"] == "stdlib-docstrings" and text["dataset"]["sizes"]["test"] == 2 * 8
     assert image["extra"]["pretraining"]["pretrain_steps"] == 5
 

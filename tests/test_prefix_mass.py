@@ -212,3 +212,11 @@ def test_cuda_path_computes_the_written_out_formula(case, dtype):
     torch.testing.assert_close(out.double().cpu(), expected, rtol=tolerance, atol=tolerance)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got.double().cpu(), want, rtol=tolerance * 3, atol=tolerance * 3)
+
+
+def test_every_prefix_mass_has_a_recommended_learning_rate():
+    from peft_ntk.ops.reference import PREFIX_MASSES
+
+    assert set(peft_ntk.RECOMMENDED_LEARNING_RATES) == set(PREFIX_MASSES)
+    default_mass = peft_ntk.NTKAttentionConfig().prefix_mass
+    assert peft_ntk.RECOMMENDED_LEARNING_RATE == peft_ntk.RECOMMENDED_LEARNING_RATES[default_mass]
