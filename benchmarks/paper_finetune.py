@@ -53,7 +53,7 @@ How to run
 ----------
     python benchmarks/paper_finetune.py --quick                    # ~30 s on one CPU thread, both tasks
     python benchmarks/paper_finetune.py --task text                # CPU preset (10-35 min on one thread, load-dependent)
-    python benchmarks/paper_finetune.py --task image               # CPU preset (3-9 min)
+    python benchmarks/paper_finetune.py --task image               # CPU preset (10 min)
     python benchmarks/paper_finetune.py --task text --timing-only  # seconds per training step, round-robin
     python benchmarks/paper_finetune.py --full --task text         # GPU sizes (more data, longer, bigger lr grids)
 
