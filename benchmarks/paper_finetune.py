@@ -164,15 +164,17 @@ CPU_LRS = {
     "prefix_matched": (1e-2, 2e-2, 5e-2),
     "full": (1e-4, 2e-4, 5e-4),
 }
-# Images: the paper-mass NTK's best rate sat at 1.0, the top of its grid, and FAVOR+'s at 3e-2, the bottom, in 300-step
-# runs; the grids reach past both.
+# Images: at 1500 steps the paper-mass NTK's best rate sat at the bottom of (0.1 .. 3), FAVOR+'s at the top of
+# (3e-3 .. 0.1), LoRA's at the bottom of (3e-3 .. 3e-2) and the head's at the top of (0.1 .. 1); the grids reach past
+# each.
 IMAGE_CPU_LRS = {
-    "ntk": (1e-1, 3e-1, 1.0, 3.0),
-    "ntk_favor": (3e-3, 1e-2, 3e-2, 1e-1),
+    "ntk": (1e-2, 3e-2, 1e-1, 3e-1),
+    "ntk_favor": (1e-2, 3e-2, 1e-1, 3e-1, 1.0),
     "ntk_relative": (1e-3, 3e-3, 1e-2, 3e-2),
-    "lora": (3e-3, 1e-2, 3e-2),
+    "lora": (1e-3, 3e-3, 1e-2, 3e-2),
     "full": (3e-4, 1e-3, 3e-3),
 }
+IMAGE_HEAD_LRS = (1e-1, 3e-1, 1.0, 3.0)
 FULL_LRS = {
     "ntk": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
     "ntk_favor": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
@@ -202,7 +204,7 @@ PRESETS: dict[str, dict[str, Settings]] = {
             batch_size=32,
             seeds=(0, 1),
             pretrain_steps=150,
-            lr_grid={m: grid[1:2] for m, grid in IMAGE_CPU_LRS.items()},
+            lr_grid={"ntk": (0.3,), "ntk_favor": (1e-2,), "ntk_relative": (3e-3,), "lora": (1e-2,), "full": (1e-3,)},
             head_lr_grid=(1e-1,),
             eval_every=10,
         ),
@@ -212,7 +214,7 @@ PRESETS: dict[str, dict[str, Settings]] = {
         # steps: at 300 the probe and NTK were still gaining 6-15 points in the last quarter, at the head's top rate.
         "text": Settings(steps=300, lr_grid=dict(CPU_LRS)),
         "image": Settings(
-            steps=1500, batch_size=32, lr_grid=dict(IMAGE_CPU_LRS), head_lr_grid=(1e-1, 3e-1, 1.0), eval_every=100
+            steps=1500, batch_size=32, lr_grid=dict(IMAGE_CPU_LRS), head_lr_grid=IMAGE_HEAD_LRS, eval_every=100
         ),
     },
     "full": {

@@ -48,6 +48,8 @@ from .ops import (
 from .tools import NTKDiagnosticsCallback, convert_prefix_tuning, init_from_text, prefix_attention_share
 from .tuner import (
     NTK_PEFT_TYPE,
+    RECOMMENDED_LEARNING_RATE,
+    RECOMMENDED_LEARNING_RATES,
     NTKAttentionConfig,
     NTKAttentionLayer,
     NTKAttentionModel,
@@ -56,12 +58,6 @@ from .tuner import (
     register_attention_functions,
     register_with_peft,
 )
-
-# AdamW learning rates for Z and k by `prefix_mass` (zeros init, elu features), with a cosine or linear decay and ~10 %
-# warm-up (docs/results.md). "relative": the best on SmolLM2-135M and MiniLM-L6, 3x below the best on the small ViT.
-# "paper": the best on SmolLM2-135M; on the classification tasks its best rates were 30x and 100x higher.
-RECOMMENDED_LEARNING_RATES = {"paper": 1e-3, "relative": 3e-3}
-RECOMMENDED_LEARNING_RATE = RECOMMENDED_LEARNING_RATES["paper"]  # the default config's
 
 register_with_peft()
 register_attention_functions()

@@ -220,3 +220,18 @@ def test_every_prefix_mass_has_a_recommended_learning_rate():
     assert set(peft_ntk.RECOMMENDED_LEARNING_RATES) == set(PREFIX_MASSES)
     default_mass = peft_ntk.NTKAttentionConfig().prefix_mass
     assert peft_ntk.RECOMMENDED_LEARNING_RATE == peft_ntk.RECOMMENDED_LEARNING_RATES[default_mass]
+
+
+@pytest.mark.parametrize("mass", ["paper", "relative"])
+def test_the_model_card_gives_the_recommended_rate_for_the_adapters_prefix_mass(mass):
+    from peft_ntk.hub.model_card import ntk_model_card_section
+
+    other = {"paper": "relative", "relative": "paper"}[mass]
+    zeros = get_peft_model(tiny_model("llama"), ntk_config(init_weights="zeros", prefix_mass=mass))
+    section = ntk_model_card_section(zeros)
+    notes = section[section.index("### Training notes") :]
+    assert f"{peft_ntk.RECOMMENDED_LEARNING_RATES[mass]:g} for prefix mass `{mass}`" in notes
+    assert f"prefix mass `{other}`" not in notes  # only the masses this model's adapters use
+    assert "exactly the base model's" in notes
+    randomised = get_peft_model(tiny_model("llama"), ntk_config(init_weights=False, prefix_mass=mass))
+    assert "exactly the base model's" not in ntk_model_card_section(randomised)  # a random init changes the outputs

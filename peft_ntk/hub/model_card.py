@@ -32,6 +32,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from .._patching import MethodPatch
+from ..tuner.config import RECOMMENDED_LEARNING_RATES
 from ..tuner.peft_type import NTK_PEFT_TYPE
 
 logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: its verbosity is ours
@@ -323,12 +324,40 @@ def ntk_model_card_section(model: PeftModel, repo_id: Optional[str] = None) -> s
         "``KeyError: 'NTK_ATTENTION'``: the import registers the adapter type. The adapter cannot be merged into the base "
         "weights (`merge_and_unload` refuses): the prefix term is a non-linear function of the query.",
     ]
+    lines += ["", "### Training notes", ""] + _training_notes([model.peft_config[name] for name in adapters])
     settings = getattr(model, _SETTINGS_ATTRIBUTE, None)
     if settings:
         lines += ["", "### Training settings", "", "| setting | value |", "| --- | --- |"]
         lines += [f"| {key} | {_cell(value)} |" for key, value in settings.items()]
     lines += [END, ""]
     return "\n".join(lines)
+
+
+def _training_notes(configs: list) -> list[str]:
+    """What the package's measurements say about training adapters configured like ``configs`` (generic advice,
+    the same on every card with these settings; the settings actually used are the "Training settings" table)."""
+    masses = sorted({getattr(config, "prefix_mass", "paper") for config in configs})
+    rates = ", ".join(f"{RECOMMENDED_LEARNING_RATES[m]:g} for prefix mass `{m}`" for m in masses)
+    notes = [
+        f"- **Learning rate** of `Z` and `k` (AdamW, cosine or linear decay, about 10 % warm-up): {rates} "
+        "(`peft_ntk.RECOMMENDED_LEARNING_RATES`, measured with the zeros init and the elu feature map). "
+        "The `paper` mass's best rate depends on the task far more than the `relative` mass's: 1e-3 on a causal LM, "
+        "30-100x higher on the classification tasks measured.",
+        "- **A new task head** (`modules_to_save`) wants a rate of its own, 10-100x the adapter's: give it its own "
+        "parameter group (the adapter's rate alone leaves the head under-trained).",
+        "- **Where it falls short:** on a small ViT, LoRA r=8 on q,v fitted the training set within the budget and "
+        "NTK did not. The prefix adds a function of the query to each head's output; it changes neither the real "
+        "tokens' values nor how they attend to each other.",
+    ]
+    inits = {str(getattr(config, "init_weights", "zeros")) for config in configs}
+    if inits <= {"zeros", "True"}:
+        notes.append(
+            "- **Start:** `Z = 0`, `k = 0`, so before training the model's outputs are exactly the base model's."
+        )
+    notes.append(
+        "- Measured results and the commands that produced them: `docs/results.md` of the `peft-ntk-rankgen` package."
+    )
+    return notes
 
 
 def _cell(value: Any) -> str:

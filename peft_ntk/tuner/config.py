@@ -14,6 +14,12 @@ from ..ops.feature_maps import FEATURE_MAPS, RANDOM_FEATURE_MAPS, is_known_featu
 from ..ops.reference import PREFIX_MASSES
 from .peft_type import NTK_PEFT_TYPE
 
+# AdamW learning rates for Z and k by `prefix_mass` (zeros init, elu features), with a cosine or linear decay and ~10 %
+# warm-up (docs/results.md). "relative": the best on SmolLM2-135M and MiniLM-L6, 3x below the best on the small ViT.
+# "paper": the best on SmolLM2-135M; on the classification tasks its best rates were 30x and 100x higher.
+RECOMMENDED_LEARNING_RATES = {"paper": 1e-3, "relative": 3e-3}
+RECOMMENDED_LEARNING_RATE = RECOMMENDED_LEARNING_RATES["paper"]  # the default config's
+
 INIT_CHOICES = ("small_random", "zeros", "random")
 QUERY_FEATURES = ("post_rope", "pre_rope")
 # PEFT's adapter weight files (peft.utils.constants SAFETENSORS_WEIGHTS_NAME / WEIGHTS_NAME).
