@@ -24,15 +24,21 @@ Methods (same budget, schedule, batches and seeds for all)
   (``modules_to_save``).
 * ``ntk_favor``: the same with ``feature_map="favor"`` (positive random features: the prefix's mass varies with the
   query the way a real prefix's does; the default elu map's is nearly constant per head).
+* ``ntk_favor_wide``: FAVOR+ with ``feature_dim`` = 2 × head_dim (on the ViT about LoRA r=8's parameter count).
 * ``ntk_relative``: the same with ``prefix_mass="relative"`` (the real keys' mass counted as 1: no row is taken
   over by the prefix, and Adam moves the prefix's share by about lr per step).
 * ``lora``: LoRA r=8, alpha 16 on query/value, head trained.
+* ``lora_r4``: LoRA r=4, alpha 8 (on the ViT about the default NTK's parameter count).
+* ``ntk_favor_relative`` (only when named): FAVOR+ features with the relative prefix mass.
+* ``lora_value`` (a control, only when named): LoRA r=8 on the value projection alone. Like a prefix it leaves the
+  query and key projections as the base model's; unlike one it changes what each token passes to the others.
 * ``prefix10``: P-Tuning v2 = PEFT ``PrefixTuningConfig(prefix_projection=False)`` (a prefix on every layer), m = 10.
 * ``prefix_matched``: the same with m chosen so its parameter count is closest to NTK's.
 * ``full``: full fine-tuning.
 * ``head``: only the new head is trained (a linear probe; the floor every method should clear).
 
-Prefix tuning is text-only: the ViT forward takes no key/value cache, so PEFT cannot prefix it.
+Prefix tuning is text-only: the ViT forward takes no key/value cache, so PEFT cannot prefix it. The text task runs
+``ntk_favor_wide``, ``lora_r4``, ``ntk_favor_relative`` and ``lora_value`` only when ``--methods`` names them.
 
 Protocol (the official scripts froze a random classifier head for NTK and LoRA but not for P-Tuning v2, used lr 1e-3
 for full fine-tuning, and picked the best checkpoint on the reported split; none of that here):
@@ -53,7 +59,7 @@ How to run
 ----------
     python benchmarks/paper_finetune.py --quick                    # ~30 s on one CPU thread, both tasks
     python benchmarks/paper_finetune.py --task text                # CPU preset (10-35 min on one thread, load-dependent)
-    python benchmarks/paper_finetune.py --task image               # CPU preset (10 min)
+    python benchmarks/paper_finetune.py --task image               # CPU preset (45 min on 2 cores)
     python benchmarks/paper_finetune.py --task text --timing-only  # seconds per training step, round-robin
     python benchmarks/paper_finetune.py --full --task text         # GPU sizes (more data, longer, bigger lr grids)
 
@@ -89,15 +95,27 @@ from ntk_rankgen_assets.training import quiet_run
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TEXT_METHODS = ("ntk", "ntk_favor", "ntk_relative", "lora", "prefix10", "prefix_matched", "full", "head")
-IMAGE_METHODS = ("ntk", "ntk_favor", "ntk_relative", "lora", "full", "head")
+IMAGE_METHODS = ("ntk", "ntk_favor", "ntk_favor_wide", "ntk_relative", "lora", "lora_r4", "full", "head")
+CONTROL_METHODS = ("ntk_favor_relative", "lora_value")  # run only when --methods names them
+METHODS = tuple(dict.fromkeys(TEXT_METHODS + IMAGE_METHODS + CONTROL_METHODS))
 # NTK-Attention configurations compared, by method name: the default, FAVOR+ features (whose prefix mass
-# exp-varies with the query like a real prefix's, where the default elu map's is nearly constant per head), and the
-# relative prefix mass (the real keys' mass counted as 1).
+# exp-varies with the query like a real prefix's, where the default elu map's is nearly constant per head), FAVOR+
+# with twice the features, and the relative prefix mass (the real keys' mass counted as 1).
 NTK_VARIANTS: dict[str, dict[str, Any]] = {
     "ntk": {},
     "ntk_favor": {"feature_map": "favor"},
+    "ntk_favor_wide": {"feature_map": "favor"},
     "ntk_relative": {"prefix_mass": "relative"},
+    "ntk_favor_relative": {"feature_map": "favor", "prefix_mass": "relative"},
 }
+# feature_dim as a multiple of the head dimension. On the ViT (head_dim 16) FAVOR+ with 2·16 features has 2,176
+# parameters per layer, LoRA r=8 on query and value 2,048: the two compare at about the same count.
+NTK_FEATURES_PER_HEAD_DIM = {"ntk_favor_wide": 2}
+# LoRA ranks, on the query and value projections; r=4 has about the default NTK's count on the ViT (1,024 per layer
+# against 1,088). ``lora_value``, r=8 on the value projection alone, leaves the query and key projections as the base
+# model's (as a prefix does) but changes what each token passes to the others (which a prefix cannot): a control
+# that scores what an adapter reaches without changing how tokens attend to each other.
+LORA_RANKS = {"lora": 8, "lora_r4": 4, "lora_value": 8}
 STDLIB_PACKAGES = ("asyncio", "email", "importlib", "logging", "multiprocessing", "tkinter", "unittest", "xml")
 DEFAULT_TEXT_DATASET = "stdlib-docstrings"
 DEFAULT_IMAGE_DATASET = "sklearn-digits"
@@ -158,28 +176,39 @@ class Settings:
 CPU_LRS = {
     "ntk": (3e-3, 1e-2, 3e-2),
     "ntk_favor": (3e-3, 1e-2, 3e-2),
+    "ntk_favor_wide": (3e-3, 1e-2, 3e-2),
     "ntk_relative": (1e-3, 3e-3, 1e-2),
     "lora": (3e-4, 1e-3, 3e-3),
+    "lora_r4": (3e-4, 1e-3, 3e-3),
+    "lora_value": (3e-4, 1e-3, 3e-3),
+    "ntk_favor_relative": (1e-3, 3e-3, 1e-2),
     "prefix10": (1e-2, 2e-2, 5e-2),
     "prefix_matched": (1e-2, 2e-2, 5e-2),
     "full": (1e-4, 2e-4, 5e-4),
 }
-# Images: at 1500 steps the paper-mass NTK's best rate sat at the bottom of (0.1 .. 3), FAVOR+'s at the top of
-# (3e-3 .. 0.1), LoRA's at the bottom of (3e-3 .. 3e-2) and the head's at the top of (0.1 .. 1); the grids reach past
-# each.
+# Images, 1500 steps: the best rates of the paper-mass NTK (0.1), LoRA (3e-3) and the head (1.0) lie inside these
+# grids; FAVOR+'s was the top of (1e-2 .. 1.0), so its grids go on to 3.0.
 IMAGE_CPU_LRS = {
     "ntk": (1e-2, 3e-2, 1e-1, 3e-1),
-    "ntk_favor": (1e-2, 3e-2, 1e-1, 3e-1, 1.0),
+    "ntk_favor": (3e-2, 1e-1, 3e-1, 1.0, 3.0),
+    "ntk_favor_wide": (3e-2, 1e-1, 3e-1, 1.0, 3.0),
     "ntk_relative": (1e-3, 3e-3, 1e-2, 3e-2),
     "lora": (1e-3, 3e-3, 1e-2, 3e-2),
+    "lora_r4": (1e-3, 3e-3, 1e-2, 3e-2),
+    "lora_value": (3e-3, 1e-2, 3e-2, 1e-1),
+    "ntk_favor_relative": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
     "full": (3e-4, 1e-3, 3e-3),
 }
 IMAGE_HEAD_LRS = (1e-1, 3e-1, 1.0, 3.0)
 FULL_LRS = {
     "ntk": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
     "ntk_favor": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+    "ntk_favor_wide": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
     "ntk_relative": (3e-4, 1e-3, 3e-3, 1e-2),
     "lora": (3e-4, 1e-3, 3e-3, 1e-2),
+    "lora_r4": (3e-4, 1e-3, 3e-3, 1e-2),
+    "lora_value": (3e-4, 1e-3, 3e-3, 1e-2),
+    "ntk_favor_relative": (3e-4, 1e-3, 3e-3, 1e-2),
     "prefix10": (3e-3, 1e-2, 3e-2, 1e-1),
     "prefix_matched": (3e-3, 1e-2, 3e-2, 1e-1),
     "full": (1e-5, 3e-5, 1e-4, 3e-4),
@@ -204,7 +233,17 @@ PRESETS: dict[str, dict[str, Settings]] = {
             batch_size=32,
             seeds=(0, 1),
             pretrain_steps=150,
-            lr_grid={"ntk": (0.3,), "ntk_favor": (1e-2,), "ntk_relative": (3e-3,), "lora": (1e-2,), "full": (1e-3,)},
+            lr_grid={
+                "ntk": (0.3,),
+                "ntk_favor": (1e-2,),
+                "ntk_favor_wide": (1e-2,),
+                "ntk_relative": (3e-3,),
+                "lora": (1e-2,),
+                "lora_r4": (1e-2,),
+                "lora_value": (1e-2,),
+                "ntk_favor_relative": (3e-3,),
+                "full": (1e-3,),
+            },
             head_lr_grid=(1e-1,),
             eval_every=10,
         ),
@@ -233,7 +272,7 @@ PRESETS: dict[str, dict[str, Settings]] = {
             batch_size=64,
             seeds=(0, 1, 2, 3, 4),
             pretrain_steps=3000,
-            lr_grid={m: FULL_LRS[m] for m in IMAGE_METHODS if m != "head"},
+            lr_grid={m: FULL_LRS[m] for m in IMAGE_METHODS + CONTROL_METHODS if m != "head"},
             head_lr_grid=FULL_HEAD_LRS,
             device="cuda",
         ),
@@ -414,12 +453,15 @@ def prefix_tokens_matching_ntk(config) -> int:
     return max(1, round(heads * (dim * dim + dim) / (2 * config.hidden_size)))
 
 
-def lora_targets(model: nn.Module) -> Optional[list[str]]:
-    """Query/value projection names as this transformers version spells them (ViT: ``q_proj`` in 5.24), else None."""
+def lora_targets(model: nn.Module, value_only: bool = False) -> Optional[list[str]]:
+    """Query/value projection names as this transformers version spells them (ViT: ``q_proj`` in 5.24), else None;
+    with ``value_only`` the value projection's alone."""
     leaves = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     for pair in (["query", "value"], ["q_proj", "v_proj"]):
         if set(pair) <= leaves:
-            return pair
+            return pair[1:] if value_only else pair
+    if value_only:
+        raise ValueError(f"{type(model).__name__} has no 'value' or 'v_proj' projection for lora_value")
     return None  # PEFT's own default for the model type
 
 
@@ -433,9 +475,14 @@ def peft_config_for(method: str, model: nn.Module, task: str):
     seq_cls = task == "text"
     common: dict[str, Any] = {"task_type": "SEQ_CLS"} if seq_cls else {"modules_to_save": ["classifier"]}
     if method in NTK_VARIANTS:
-        return peft_ntk.NTKAttentionConfig(**NTK_VARIANTS[method], **common)
-    if method == "lora":
-        return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=lora_targets(model), **common)
+        options = dict(NTK_VARIANTS[method])
+        if method in NTK_FEATURES_PER_HEAD_DIM:
+            options["feature_dim"] = NTK_FEATURES_PER_HEAD_DIM[method] * attention_shape(model_config)[2]
+        return peft_ntk.NTKAttentionConfig(**options, **common)
+    if method in LORA_RANKS:
+        r = LORA_RANKS[method]
+        targets = lora_targets(model, value_only=method == "lora_value")
+        return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets, **common)
     if method in ("prefix10", "prefix_matched"):
         if not seq_cls:
             raise ValueError("prefix tuning needs a model that takes a key/value cache; the ViT forward does not")
@@ -443,7 +490,7 @@ def peft_config_for(method: str, model: nn.Module, task: str):
         return PrefixTuningConfig(num_virtual_tokens=m, prefix_projection=False, **common)
     if method in ("full", "head"):
         return None
-    raise ValueError(f"unknown method {method!r}; choose from {TEXT_METHODS}")
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
 def head_module(model: nn.Module) -> nn.Module:
@@ -1067,7 +1114,7 @@ def settings_for(args: argparse.Namespace, preset: str, task: str) -> Settings:
             raise SystemExit(f"--head-lr must be a positive learning rate, got {args.head_lr}")
         s.head_lr = args.head_lr
     if args.lrs:
-        s.lr_grid = {m: tuple(args.lrs) for m in TEXT_METHODS}
+        s.lr_grid = {m: tuple(args.lrs) for m in METHODS}
     if args.device:
         s.device = args.device
     if s.device == "cuda" and not torch.cuda.is_available():
@@ -1082,8 +1129,9 @@ def run_task(args: argparse.Namespace, preset: str, task: str) -> dict[str, Any]
 
     hf_logging.set_verbosity_error()  # the "newly initialized head" load report is expected here
     s = settings_for(args, preset, task)
-    available = TEXT_METHODS if task == "text" else IMAGE_METHODS
-    methods = tuple(args.methods) if args.methods else available
+    # Text runs every method on request (the parameter-matched variants only then); images have no prefix tuning.
+    available = METHODS if task == "text" else IMAGE_METHODS + CONTROL_METHODS
+    methods = tuple(args.methods) if args.methods else (TEXT_METHODS if task == "text" else IMAGE_METHODS)
     unknown = [m for m in methods if m not in available]
     if unknown:
         raise SystemExit(f"methods {unknown} are not available for the {task} task; choose from {available}")

@@ -193,7 +193,10 @@ def tiny_bert(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("method", ["ntk", "lora", "prefix10", "prefix_matched", "full", "head"])
+@pytest.mark.parametrize(
+    "method",
+    ["ntk", "ntk_favor_wide", "lora", "lora_r4", "lora_value", "prefix10", "prefix_matched", "full", "head"],
+)
 def test_every_method_trains_a_fresh_head_and_its_adapter(method, tiny_bert):
     from transformers import AutoModelForSequenceClassification
 
@@ -208,7 +211,10 @@ def test_every_method_trains_a_fresh_head_and_its_adapter(method, tiny_bert):
     assert head_n == 32 * 3 + 3
     expected = {
         "ntk": 2 * 4 * (8 * 8 + 8),
+        "ntk_favor_wide": 2 * 4 * (16 * 8 + 16),  # feature_dim = 2 x head_dim 8
         "lora": 2 * 2 * (32 * 8 + 8 * 32),
+        "lora_r4": 2 * 2 * (32 * 4 + 4 * 32),
+        "lora_value": 2 * (32 * 8 + 8 * 32),
         "prefix10": 2 * 2 * 10 * 32,
         "prefix_matched": 2 * 2 * ft.prefix_tokens_matching_ntk(base.config) * 32,
         "full": sum(p.numel() for p in model.parameters()) - head_n,

@@ -233,5 +233,8 @@ def test_the_model_card_gives_the_recommended_rate_for_the_adapters_prefix_mass(
     assert f"{peft_ntk.RECOMMENDED_LEARNING_RATES[mass]:g} for prefix mass `{mass}`" in notes
     assert f"prefix mass `{other}`" not in notes  # only the masses this model's adapters use
     assert "exactly the base model's" in notes
+    assert '`feature_map="favor"` scored' in notes  # the elu map's card points to the better classification map
     randomised = get_peft_model(tiny_model("llama"), ntk_config(init_weights=False, prefix_mass=mass))
     assert "exactly the base model's" not in ntk_model_card_section(randomised)  # a random init changes the outputs
+    favor = get_peft_model(tiny_model("llama"), ntk_config(feature_map="favor", prefix_mass=mass))
+    assert '`feature_map="favor"` scored' not in ntk_model_card_section(favor)
