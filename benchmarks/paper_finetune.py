@@ -186,8 +186,8 @@ CPU_LRS = {
     "prefix_matched": (1e-2, 2e-2, 5e-2),
     "full": (1e-4, 2e-4, 5e-4),
 }
-# Images, 1500 steps: the best rates of the paper-mass NTK (0.1), LoRA (3e-3) and the head (1.0) lie inside these
-# grids; FAVOR+'s was the top of (1e-2 .. 1.0), so its grids go on to 3.0.
+# Images, 1500 steps: the best rates of the paper-mass NTK (0.1), FAVOR+ (1.0) and the head (1.0) lie inside these
+# grids; LoRA r=8's was 3e-3 in one run and 1e-3, the grid's bottom, in the next (150 validation images decide).
 IMAGE_CPU_LRS = {
     "ntk": (1e-2, 3e-2, 1e-1, 3e-1),
     "ntk_favor": (3e-2, 1e-1, 3e-1, 1.0, 3.0),
