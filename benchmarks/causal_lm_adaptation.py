@@ -10,13 +10,17 @@ learning curves; NTK runs also log the prefix's share of attention per layer (``
 
 Methods: ``ntk`` (the default config: zeros init), ``ntk-small-random`` (the paper's N(0,1)·1e-4 init),
 ``ntk-pre-rope`` (phi on the query before its rotary embedding), ``ntk-relative`` (``prefix_mass="relative"``: the
-real keys' mass counted as 1, so no row is taken over by the prefix), ``lora`` (r=8, alpha 16, q_proj and v_proj) and
-``lora-qkvo`` (r=8 on all four projections: about NTK's trainable-parameter count on SmolLM2).
+real keys' mass counted as 1, so no row is taken over by the prefix),
+``ntk-relative-favor`` (the relative mass with FAVOR+ features: the best NTK form here, at lr 1e-2), ``lora`` (r=8,
+alpha 16, q_proj and v_proj) and ``lora-qkvo`` (r=8 on all four projections: about NTK's trainable-parameter count on
+SmolLM2). Only when named: ``ntk-relative-favor-32`` (the same with 32 features instead of 64: half of Z, about
+LoRA q,v's parameter count) and ``lora-value`` (r=8 on v_proj alone, a control: like a prefix it keeps the base
+model's queries and keys, so it cannot change how tokens attend to each other).
 
 Output: a table (mean ± std over seeds, trainable parameters, seconds), ``causal_lm_adaptation[_quick].json`` and a
 PNG with the training loss, the validation perplexity and the NTK prefix share against the step.
 
-    python benchmarks/causal_lm_adaptation.py                 # 5 methods x 3 seeds x 60 steps, ~35 min on 2 cores
+    python benchmarks/causal_lm_adaptation.py                 # 7 methods x 3 seeds x 60 steps, ~70 min on 2 cores
     python benchmarks/causal_lm_adaptation.py --quick         # 2 methods, 1 seed, 4 steps (what the tests run)
     python benchmarks/causal_lm_adaptation.py --methods ntk lora --lr ntk=3e-3 --steps 200
 """
@@ -45,12 +49,16 @@ METHODS = {
     "ntk-small-random": dict(init_weights="small_random"),
     "ntk-pre-rope": dict(query_features="pre_rope"),
     "ntk-relative": dict(prefix_mass="relative"),
+    "ntk-relative-favor": dict(prefix_mass="relative", feature_map="favor"),
+    "ntk-relative-favor-32": dict(prefix_mass="relative", feature_map="favor", feature_dim=32),
     "lora": ["q_proj", "v_proj"],
+    "lora-value": ["v_proj"],
     "lora-qkvo": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
+CONTROL_METHODS = ("ntk-relative-favor-32", "lora-value")  # run only when named
 # option: (quick, full)
 DEFAULTS = {
-    "methods": (["ntk", "lora"], list(METHODS)),
+    "methods": (["ntk", "lora"], [m for m in METHODS if m not in CONTROL_METHODS]),
     "seeds": ([0], [0, 1, 2]),
     "steps": (4, 60),
     "eval_blocks": (4, None),
@@ -85,7 +93,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     if args.block_size < 2 or 128 % args.block_size:
         parser.error(f"--block-size must divide 128 (the validation blocks are 128 tokens), got {args.block_size}")
     bench.fill_defaults(args, DEFAULTS)
-    rates = {m: 1e-3 if m.startswith("lora") else peft_ntk.RECOMMENDED_LEARNING_RATE for m in METHODS}
+    rates = {m: 1e-3 if m.startswith("lora") else peft_ntk.recommended_learning_rate(method_config(m)) for m in METHODS}
     for item in args.lr:
         method, _, value = item.partition("=")
         if method not in METHODS or not value:

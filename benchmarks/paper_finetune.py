@@ -181,13 +181,13 @@ CPU_LRS = {
     "lora": (3e-4, 1e-3, 3e-3),
     "lora_r4": (3e-4, 1e-3, 3e-3),
     "lora_value": (3e-4, 1e-3, 3e-3),
-    "ntk_favor_relative": (1e-3, 3e-3, 1e-2),
+    "ntk_favor_relative": (3e-3, 1e-2, 3e-2, 1e-1),
     "prefix10": (1e-2, 2e-2, 5e-2),
     "prefix_matched": (1e-2, 2e-2, 5e-2),
     "full": (1e-4, 2e-4, 5e-4),
 }
-# Images, 1500 steps: the best rates of the paper-mass NTK (0.1), FAVOR+ (1.0) and the head (1.0) lie inside these
-# grids; LoRA r=8's was 3e-3 in one run and 1e-3, the grid's bottom, in the next (150 validation images decide).
+# Images, 1500 steps: the best rates of the paper-mass NTK (0.1), FAVOR+ (1.0; 0.3 with the relative mass) and the
+# head (1.0) lie inside these grids; LoRA r=8's was 3e-3 in one run and 1e-3, the grid's bottom, in the next (150 validation images decide).
 IMAGE_CPU_LRS = {
     "ntk": (1e-2, 3e-2, 1e-1, 3e-1),
     "ntk_favor": (3e-2, 1e-1, 3e-1, 1.0, 3.0),
@@ -196,7 +196,7 @@ IMAGE_CPU_LRS = {
     "lora": (1e-3, 3e-3, 1e-2, 3e-2),
     "lora_r4": (1e-3, 3e-3, 1e-2, 3e-2),
     "lora_value": (3e-3, 1e-2, 3e-2, 1e-1),
-    "ntk_favor_relative": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+    "ntk_favor_relative": (1e-2, 3e-2, 1e-1, 3e-1, 1.0),
     "full": (3e-4, 1e-3, 3e-3),
 }
 IMAGE_HEAD_LRS = (1e-1, 3e-1, 1.0, 3.0)

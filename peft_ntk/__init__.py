@@ -55,6 +55,7 @@ from .tuner import (
     NTKAttentionModel,
     find_attention_modules,
     ntk_attention_forward,
+    recommended_learning_rate,
     register_attention_functions,
     register_with_peft,
 )
@@ -103,6 +104,7 @@ __all__ = [
     "prefix_attention_share",
     "prefix_state_from_keys_values",
     "push_adapter_to_hub",
+    "recommended_learning_rate",
     "record_training_settings",
     "recover_interrupted_save",
     "register_feature_map",

@@ -153,8 +153,29 @@ def test_prefix_attention_share_and_diagnostics_callback():
     callback = peft_ntk.NTKDiagnosticsCallback({"input_ids": ids}, every=1)
     record = callback.measure(model, step=3)
     assert record["step"] == 3 and len(record["z_abs"]) == 2 and record["k_abs"][0] > 0
+    assert len(record["feature_spread"]) == 2 and all(0 < v < 1 for v in record["feature_spread"])
     with pytest.raises(ValueError, match="positive"):
         peft_ntk.NTKDiagnosticsCallback({"input_ids": ids}, every=0)
+
+
+def test_feature_spread_is_the_distance_of_normalised_features_from_their_head_mean():
+    from peft_ntk.tools.diagnostics import _feature_spread
+
+    same = torch.rand(1, 3, 1, 4).expand(2, 3, 5, 4)  # every row of a head has the same features
+    assert _feature_spread(same) == pytest.approx(0.0, abs=1e-6)
+    scaled = same * torch.rand(2, 3, 5, 1)  # the prefix term sees phi / sum(phi): a row's scale does not count
+    assert _feature_spread(scaled) == pytest.approx(0.0, abs=1e-6)
+    one_hot = torch.eye(2).repeat(1, 3).reshape(1, 1, 6, 2)  # rows alternate [1, 0], [0, 1]: mean [0.5, 0.5]
+    assert _feature_spread(one_hot) == pytest.approx(0.5)
+    # normalised FAVOR+ features differ between the queries of a head far more than elu's do
+    elu = get_peft_model(tiny_llama(), NTKAttentionConfig(task_type="CAUSAL_LM"))
+    favor = get_peft_model(tiny_llama(), NTKAttentionConfig(task_type="CAUSAL_LM", feature_map="favor"))
+    ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    spread = {
+        name: [s["feature_spread"] for s in peft_ntk.prefix_attention_share(m, input_ids=ids)]
+        for name, m in (("elu", elu), ("favor", favor))
+    }
+    assert all(f > 2 * e for e, f in zip(spread["elu"], spread["favor"])), spread
 
 
 # ------------------------------------------------------------------------------------------------- adapter dtype

@@ -246,6 +246,21 @@ def test_quick_rankgen_loop_profile(tmp_path):
     assert report["results"]["beam"]["host_reads"]["median_per_decode_step"] == 1
 
 
+def test_causal_lm_adaptation_methods_and_their_default_rates():
+    bench = _load("causal_lm_adaptation")
+    favor = bench.method_config("ntk-relative-favor")
+    assert (favor.prefix_mass, favor.feature_map) == ("relative", "favor")
+    assert bench.method_config("lora-value").target_modules == {"v_proj"}
+    args = bench.parse_args(["--methods", "ntk-relative-favor", "lora-value", "--lr", "lora-value=1e-2"])
+    assert args.rates["ntk-relative-favor"] == 1e-2 and args.rates["ntk-relative"] == 3e-3
+    assert args.rates["lora-value"] == 1e-2 and args.rates["lora"] == 1e-3
+    assert bench.method_config("ntk-relative-favor-32").feature_dim == 32
+    # the value-only control and the half-width variant run only when named
+    default_methods = bench.parse_args([]).methods
+    assert "ntk-relative-favor" in default_methods
+    assert "lora-value" not in default_methods and "ntk-relative-favor-32" not in default_methods
+
+
 @pytest.mark.real_model
 def test_quick_causal_lm_adaptation_on_smollm2(tmp_path, smollm2_path, two_threads):
     """benchmarks/causal_lm_adaptation.py --quick: NTK and LoRA on the real SmolLM2, curves, diagnostics, JSON + PNG."""

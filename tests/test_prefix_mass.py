@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from helpers import CASES, F64, case_inputs, make_inputs, ntk_config, tiny_model
-from peft import PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 
 import peft_ntk
 from peft_ntk.ops import ntk_attention, ntk_attention_reference, plan_ntk_attention
@@ -220,6 +220,29 @@ def test_every_prefix_mass_has_a_recommended_learning_rate():
     assert set(peft_ntk.RECOMMENDED_LEARNING_RATES) == set(PREFIX_MASSES)
     default_mass = peft_ntk.NTKAttentionConfig().prefix_mass
     assert peft_ntk.RECOMMENDED_LEARNING_RATE == peft_ntk.RECOMMENDED_LEARNING_RATES[default_mass]
+
+
+def test_the_recommended_rate_follows_the_prefix_mass_and_the_feature_map():
+    rate = peft_ntk.recommended_learning_rate
+    assert rate(peft_ntk.NTKAttentionConfig()) == peft_ntk.RECOMMENDED_LEARNING_RATE == 1e-3
+    assert rate(peft_ntk.NTKAttentionConfig(prefix_mass="relative")) == peft_ntk.RECOMMENDED_LEARNING_RATES["relative"]
+    # FAVOR+ features took a higher rate than elu's with either mass
+    assert rate(peft_ntk.NTKAttentionConfig(prefix_mass="relative", feature_map="favor")) == 1e-2
+    assert rate(peft_ntk.NTKAttentionConfig(feature_map="favor")) == 1e-2
+    # a map measured with neither mass falls back to its mass's elu rate
+    assert rate(peft_ntk.NTKAttentionConfig(prefix_mass="relative", feature_map="relu")) == 3e-3
+    with pytest.raises(TypeError, match="takes an NTKAttentionConfig, got LoraConfig"):
+        rate(LoraConfig(r=8))
+
+
+def test_the_model_card_gives_each_adapters_rate_with_its_feature_map():
+    from peft_ntk.hub.model_card import ntk_model_card_section
+
+    config = ntk_config(init_weights="zeros", prefix_mass="relative", feature_map="favor")
+    section = ntk_model_card_section(get_peft_model(tiny_model("llama"), config))
+    notes = section[section.index("### Training notes") :]
+    assert "0.01 for prefix mass `relative` with the `favor` feature map" in notes
+    assert "`elu` feature map" not in notes
 
 
 @pytest.mark.parametrize("mass", ["paper", "relative"])

@@ -27,7 +27,10 @@ def prefix_attention_share(model: torch.nn.Module, **inputs: Any) -> list[dict[s
     """Run ``model(**inputs)`` and return, per adapted layer in order, statistics of the prefix's share ``1 − w``.
 
     Each entry has ``mean``, ``median``, ``p90`` and ``max`` over the rows of all heads (causal rows as the model
-    computes them), and ``lse_mean``. Pass unpadded inputs: the share is measured without a padding mask.
+    computes them), ``lse_mean``, and ``feature_spread``: how far the normalised features ``φ(q) / Σφ(q)`` of a head's
+    rows lie from their mean (total-variation distance, averaged over rows and heads; 0 to 1). The prefix's term is a
+    function of these normalised features alone, so at 0 it adds the same vector to every row of a head, whatever
+    ``Z`` and ``k`` learn. Pass unpadded inputs: the share is measured without a padding mask.
     """
     mask = inputs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and not bool(mask.bool().all()):
@@ -60,6 +63,7 @@ def prefix_attention_share(model: torch.nn.Module, **inputs: Any) -> list[dict[s
         share = torch.sigmoid(log_a - real_log_mass).flatten().float()
         finite = torch.isfinite(lse).flatten()
         share = share[finite] if finite.any() else share
+        spread = _feature_spread(phi)
         shares.append(
             {
                 "mean": share.mean().item(),
@@ -67,6 +71,7 @@ def prefix_attention_share(model: torch.nn.Module, **inputs: Any) -> list[dict[s
                 "p90": torch.quantile(share, 0.9).item() if share.numel() <= 16_000_000 else math.nan,
                 "max": share.max().item(),
                 "lse_mean": lse[torch.isfinite(lse)].mean().item() if torch.isfinite(lse).any() else math.nan,
+                "feature_spread": spread,
             }
         )
 
@@ -84,8 +89,8 @@ class NTKDiagnosticsCallback(TrainerCallback):
     """Logs, every ``every`` steps, per adapted layer: the prefix's share of attention on a fixed probe batch, the
     size of the effective ``Z`` and ``k``, and the gradient norms of the stored parameters.
 
-    ``history`` holds one dict per measured step: ``{"step", "share_mean", "share_p90", "share_max", "z_abs",
-    "k_abs", "grad_z", "grad_k"}``, each a list over layers (gradients are those of the step before it).
+    ``history`` holds one dict per measured step: ``{"step", "share_mean", "share_p90", "share_max", "lse_mean",
+    "feature_spread", "z_abs", "k_abs", "grad_z", "grad_k"}``, each a list over layers (gradients are those of the step before it).
 
     Example::
 
@@ -134,11 +139,22 @@ class NTKDiagnosticsCallback(TrainerCallback):
             "share_p90": [s["p90"] for s in shares],
             "share_max": [s["max"] for s in shares],
             "lse_mean": [s["lse_mean"] for s in shares],
+            "feature_spread": [s["feature_spread"] for s in shares],
             "z_abs": [z.detach().abs().mean().item() for z, _ in effective],
             "k_abs": [k.detach().abs().mean().item() for _, k in effective],
             "grad_z": grads[0],
             "grad_k": grads[1],
         }
+
+
+def _feature_spread(phi: torch.Tensor) -> float:
+    """Mean total-variation distance between each row's normalised features and its head's mean (rows of all
+    sequences of the batch pooled per head)."""
+    total = phi.sum(dim=-1, keepdim=True)
+    normalised = phi / total.clamp_min(torch.finfo(phi.dtype).tiny)
+    rows = normalised.transpose(0, 1).flatten(1, 2)  # (H, B·L, r)
+    distance = 0.5 * (rows - rows.mean(dim=1, keepdim=True)).abs().sum(dim=-1)
+    return distance.mean().item()
 
 
 def _norm(grad: Optional[torch.Tensor]) -> float:

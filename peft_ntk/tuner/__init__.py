@@ -4,7 +4,12 @@ layer holding Z and k around one attention module (:mod:`.layer`), the attention
 (:mod:`.model`), and the tables PEFT looks the type up in (:mod:`.registration`)."""
 
 from .attention_hook import capture_attention_inputs, ntk_attention_forward, register_attention_functions
-from .config import RECOMMENDED_LEARNING_RATE, RECOMMENDED_LEARNING_RATES, NTKAttentionConfig
+from .config import (
+    RECOMMENDED_LEARNING_RATE,
+    RECOMMENDED_LEARNING_RATES,
+    NTKAttentionConfig,
+    recommended_learning_rate,
+)
 from .layer import NTKAttentionLayer
 from .model import NTKAttentionModel, find_attention_modules
 from .peft_type import NTK_PEFT_TYPE
@@ -20,6 +25,7 @@ __all__ = [
     "capture_attention_inputs",
     "find_attention_modules",
     "ntk_attention_forward",
+    "recommended_learning_rate",
     "register_attention_functions",
     "register_with_peft",
 ]

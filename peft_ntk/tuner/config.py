@@ -19,6 +19,10 @@ from .peft_type import NTK_PEFT_TYPE
 # "paper": the best on SmolLM2-135M; on the classification tasks its best rates were 30x and 100x higher.
 RECOMMENDED_LEARNING_RATES = {"paper": 1e-3, "relative": 3e-3}
 RECOMMENDED_LEARNING_RATE = RECOMMENDED_LEARNING_RATES["paper"]  # the default config's
+# The same by (prefix_mass, feature_map) where the feature map changes the best rate: FAVOR+ features vary more with
+# the query than elu's, and take a higher rate. ("relative", "favor"): the best of 3e-3 / 1e-2 / 3e-2 on SmolLM2-135M
+# (3e-2 diverged); ("paper", "favor"): the best of 1e-3 / 1e-2 in 20-step runs there.
+_RATES_BY_FEATURE_MAP = {("relative", "favor"): 1e-2, ("paper", "favor"): 1e-2}
 
 INIT_CHOICES = ("small_random", "zeros", "random")
 QUERY_FEATURES = ("post_rope", "pre_rope")
@@ -274,3 +278,24 @@ def check_adapter_weights(folder: str) -> None:
         f"{folder} has an adapter_config.json but no adapter weights ({ADAPTER_SAFETENSORS} or {ADAPTER_BIN}). "
         "Copy the whole folder that save_pretrained wrote (both files), or point to the folder that holds them."
     )
+
+
+def recommended_learning_rate(config: NTKAttentionConfig) -> float:
+    """The AdamW learning rate for ``Z`` and ``k`` measured best for ``config``'s prefix mass and feature map.
+
+    Measured on causal-LM domain adaptation of SmolLM2-135M (60 steps, cosine decay, 10 % warm-up; docs/results.md).
+    A feature map without a measurement of its own (``"relu"``, a registered one) gets its prefix mass's elu rate. A
+    new classification head trained beside the adapter wants its own, higher rate, and on the classification tasks
+    measured the adapter's best rates were higher too.
+
+    Example::
+
+        >>> import peft_ntk
+        >>> peft_ntk.recommended_learning_rate(peft_ntk.NTKAttentionConfig(prefix_mass="relative", feature_map="favor"))
+        0.01
+    """
+    if not isinstance(config, NTKAttentionConfig):
+        raise TypeError(f"recommended_learning_rate takes an NTKAttentionConfig, got {type(config).__name__}")
+    feature_map = config.feature_map if isinstance(config.feature_map, str) else None
+    measured = _RATES_BY_FEATURE_MAP.get((config.prefix_mass, feature_map))
+    return measured if measured is not None else RECOMMENDED_LEARNING_RATES[config.prefix_mass]
