@@ -336,10 +336,10 @@ def ntk_model_card_section(model: PeftModel, repo_id: Optional[str] = None) -> s
 def _training_notes(configs: list) -> list[str]:
     """What the package's measurements say about training adapters configured like ``configs`` (generic advice,
     the same on every card with these settings; the settings actually used are the "Training settings" table)."""
-    forms = sorted({(config.prefix_mass, _feature_map_name(config)) for config in configs})
+    by_form = {(config.prefix_mass, _feature_map_name(config)): config for config in configs}
     rates = ", ".join(
         f"{recommended_learning_rate(config):g} for prefix mass `{mass}` with the `{name}` feature map"
-        for (mass, name), config in ((form, _config_of_form(configs, form)) for form in forms)
+        for (mass, name), config in sorted(by_form.items(), key=lambda item: item[0])
     )
     notes = [
         f"- **Learning rate** of `Z` and `k` (AdamW, cosine or linear decay, about 10 % warm-up): {rates} "
@@ -377,10 +377,6 @@ def _training_notes(configs: list) -> list[str]:
 
 def _feature_map_name(config) -> str:
     return config.feature_map if isinstance(config.feature_map, str) else type(config.feature_map).__name__
-
-
-def _config_of_form(configs: list, form: tuple[str, str]):
-    return next(c for c in configs if (c.prefix_mass, _feature_map_name(c)) == form)
 
 
 def _cell(value: Any) -> str:
